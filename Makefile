@@ -1,0 +1,68 @@
+# The local workflow: `make run` to start everything, `make test` to run the whole suite.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV        := .venv
+PY          := $(VENV)/bin/python
+BIN         := .local/bin
+PROTO_FILES := $(shell find protos -name '*.proto' | sort)
+# Where googleapis-common-protos keeps google/type/money.proto and friends.
+GOOGLEAPIS  = $(shell $(PY) -c 'import google.type, os; print(os.path.dirname(os.path.dirname(list(google.type.__path__)[0])))')
+
+export DATABASE_URL ?= postgresql+psycopg2://ecommerce@127.0.0.1:55432/ecommerce
+export TEST_DATABASE_URL ?= postgresql+psycopg2://ecommerce@127.0.0.1:55432/ecommerce_test
+
+.PHONY: help venv tools protos check-protos lint format infra-up infra-down migrate run test
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
+
+venv: $(VENV)/.installed ## Create the virtualenv from the pinned lock files
+
+$(VENV)/.installed: requirements.lock requirements-dev.lock pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+tools: ## Install pinned grpcurl and buf into .local/bin
+	bash scripts/tools.sh
+
+protos: venv ## Regenerate gen/ from protos/
+	rm -rf gen/ecommerce
+	mkdir -p gen
+	PATH="$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -I protos -I $(GOOGLEAPIS) \
+	  --python_out=gen --grpc_python_out=gen --mypy_out=gen --mypy_grpc_out=gen $(PROTO_FILES)
+	find gen/ecommerce -type d -exec touch {}/__init__.py \;
+	touch gen/ecommerce/py.typed
+
+check-protos: protos ## Fail when gen/ is not what `make protos` produces
+	@test -z "$$(git status --porcelain -- gen)" || \
+	  { git status --short -- gen; echo "gen/ is stale: run 'make protos' and commit it"; exit 1; }
+
+lint: venv tools ## ruff, mypy and buf lint
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy servicekit user_service order_service migrations tests
+	rm -rf .local/proto-deps && mkdir -p .local/proto-deps/google/type
+	cp $(GOOGLEAPIS)/google/type/money.proto .local/proto-deps/google/type/
+	$(BIN)/buf lint
+
+format: venv ## Apply ruff's fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+infra-up: ## Install (if missing) and start PostgreSQL on 127.0.0.1:55432
+	bash scripts/postgres.sh up
+
+infra-down: ## Stop what infra-up started
+	bash scripts/postgres.sh down
+
+migrate: venv infra-up ## Apply the Alembic migrations to DATABASE_URL
+	$(VENV)/bin/alembic upgrade head
+
+run: venv tools migrate ## Start both services in the foreground; Ctrl-C stops them
+	bash scripts/run_local.sh
+
+test: venv tools infra-up ## The whole suite, against the real Postgres and real servers
+	$(PY) -m pytest

@@ -1,0 +1,30 @@
+"""Alembic environment: migrates the database named by DATABASE_URL."""
+
+from __future__ import annotations
+
+import os
+from logging.config import fileConfig
+
+from alembic import context
+from sqlalchemy import create_engine
+
+import servicekit.models  # noqa: F401 (registers every table on Base.metadata)
+from servicekit.db import Base
+from servicekit.settings import DEFAULT_DATABASE_URL
+
+config = context.config
+if config.config_file_name is not None and config.attributes.get("configure_logging", True):
+    fileConfig(config.config_file_name)
+
+
+def run_migrations() -> None:
+    url = config.attributes.get("database_url") or os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL)
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        context.configure(connection=connection, target_metadata=Base.metadata, compare_type=True)
+        with context.begin_transaction():
+            context.run_migrations()
+    engine.dispose()
+
+
+run_migrations()

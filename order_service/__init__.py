@@ -1,0 +1,1 @@
+"""OrderService: creates orders, reads them and moves them through their statuses."""

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Local PostgreSQL for development and tests: `up` installs it (Debian package) if missing, creates a
+# cluster in a git-ignored folder, starts it on loopback and waits until it answers; `down` stops the
+# server this script started (by its PID file) and nothing else. Both are idempotent.
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+port=${PGPORT:-55432}
+db_user=${PGUSER_APP:-ecommerce}
+databases=(ecommerce ecommerce_test)
+
+# PostgreSQL refuses to run as root, so the cluster belongs to the `postgres` user. It lives in the
+# repo's .local/ folder when that user can reach it, otherwise in a folder of its own under /var/tmp.
+pick_data_dir() {
+  local in_repo="$repo/.local/postgres"
+  mkdir -p "$repo/.local"
+  if runuser -u postgres -- test -x "$repo/.local" 2>/dev/null; then
+    echo "$in_repo"
+  else
+    echo "/var/tmp/ecommerce-postgres-$(printf '%s' "$repo" | sha1sum | cut -c1-12)"
+  fi
+}
+
+pg_bin() {
+  local dir
+  dir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+  [ -n "$dir" ] && echo "$dir"
+}
+
+install_postgres() {
+  [ -n "$(pg_bin)" ] && return
+  echo "postgres.sh: installing PostgreSQL from Debian's packages" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq postgresql >/dev/null
+  # The package starts a system cluster; leave it alone, ours runs on its own port.
+}
+
+as_postgres() { runuser -u postgres -- "$@"; }
+
+up() {
+  install_postgres
+  local bin data
+  bin=$(pg_bin)
+  data=$(pick_data_dir)
+  if [ ! -s "$data/PG_VERSION" ]; then
+    mkdir -p "$data"
+    chown postgres:postgres "$data"
+    chmod 700 "$data"
+    # trust on loopback only: a development cluster, bound to 127.0.0.1 and a private socket dir.
+    as_postgres "$bin/initdb" -D "$data" -U postgres --auth=trust --encoding=UTF8 --locale=C.UTF-8 >/dev/null
+  fi
+  if as_postgres "$bin/pg_ctl" -D "$data" status >/dev/null 2>&1; then
+    echo "postgres.sh: already running on 127.0.0.1:$port ($data)"
+  else
+    as_postgres "$bin/pg_ctl" -D "$data" -l "$data/server.log" -w -t 60 start \
+      -o "-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories='$data' -c max_connections=200" >/dev/null
+    echo "postgres.sh: started on 127.0.0.1:$port ($data)"
+  fi
+  ln -sfn "$data/postmaster.pid" "$repo/.local/postgres.pid"
+  create_role_and_databases
+}
+
+psql_admin() { as_postgres psql -h 127.0.0.1 -p "$port" -U postgres -v ON_ERROR_STOP=1 -qtA "$@"; }
+
+create_role_and_databases() {
+  if [ -z "$(psql_admin -d postgres -c "SELECT 1 FROM pg_roles WHERE rolname = '$db_user'")" ]; then
+    psql_admin -d postgres -c "CREATE ROLE $db_user LOGIN"
+  fi
+  local name
+  for name in "${databases[@]}"; do
+    if [ -z "$(psql_admin -d postgres -c "SELECT 1 FROM pg_database WHERE datname = '$name'")" ]; then
+      psql_admin -d postgres -c "CREATE DATABASE $name OWNER $db_user"
+    fi
+  done
+}
+
+down() {
+  local bin data
+  bin=$(pg_bin) || true
+  data=$(pick_data_dir)
+  if [ -n "$bin" ] && [ -s "$data/postmaster.pid" ]; then
+    as_postgres "$bin/pg_ctl" -D "$data" -m fast -w stop >/dev/null
+    echo "postgres.sh: stopped"
+  else
+    echo "postgres.sh: not running"
+  fi
+  rm -f "$repo/.local/postgres.pid"
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  *) echo "usage: $0 up|down" >&2; exit 2 ;;
+esac

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs the pinned command-line tools (grpcurl, buf) into .local/bin with `go install`.
+# Skips a tool whose pinned version is already there.
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+bin="$repo/.local/bin"
+mkdir -p "$bin"
+
+GRPCURL_VERSION=v1.9.3
+BUF_VERSION=v1.75.0
+
+install() { # name module version
+  local name=$1 module=$2 version=$3 stamp="$bin/.$1.version"
+  if [ -x "$bin/$name" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$version" ]; then
+    return
+  fi
+  echo "tools.sh: go install $module@$version" >&2
+  GOBIN="$bin" go install "$module@$version"
+  echo "$version" >"$stamp"
+}
+
+install grpcurl github.com/fullstorydev/grpcurl/cmd/grpcurl "$GRPCURL_VERSION"
+install buf github.com/bufbuild/buf/cmd/buf "$BUF_VERSION"

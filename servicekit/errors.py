@@ -1,0 +1,86 @@
+"""Domain errors and their one mapping to gRPC statuses with google.rpc details (AIP-193)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+ERROR_DOMAIN = "ecommerce.example.com"
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class ServiceError(Exception):
+    """Raised by domain code; the server turns it into a status with an ErrorInfo reason."""
+
+    code = grpc.StatusCode.INTERNAL
+    default_reason = "INTERNAL"
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.default_reason
+
+    def details(self) -> list[any_pb2.Any]:
+        info = any_pb2.Any()
+        info.Pack(error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN))
+        return [info]
+
+    def to_status(self) -> grpc.Status:
+        status = status_pb2.Status(
+            code=getattr(code_pb2, self.code.name),
+            message=self.message,
+            details=self.details(),
+        )
+        return rpc_status.to_status(status)
+
+
+class InvalidArgument(ServiceError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    default_reason = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, description: str, reason: str | None = None) -> None:
+        super().__init__(f"{field}: {description}", reason)
+        self.violations = [FieldViolation(field, description)]
+
+    def details(self) -> list[any_pb2.Any]:
+        bad_request = any_pb2.Any()
+        bad_request.Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=v.field, description=v.description
+                    )
+                    for v in self.violations
+                ]
+            )
+        )
+        return [*super().details(), bad_request]
+
+
+class NotFound(ServiceError):
+    code = grpc.StatusCode.NOT_FOUND
+    default_reason = "NOT_FOUND"
+
+
+class AlreadyExists(ServiceError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    default_reason = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(ServiceError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = "FAILED_PRECONDITION"
+
+
+class Unavailable(ServiceError):
+    code = grpc.StatusCode.UNAVAILABLE
+    default_reason = "UNAVAILABLE"

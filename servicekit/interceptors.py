@@ -1,0 +1,82 @@
+"""The one place where RPC outcomes are decided for logging and where errors become statuses."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from servicekit.errors import ServiceError, Unavailable
+
+log = logging.getLogger("servicekit.rpc")
+
+# Request fields worth a place in the access log: ids only, never personal data.
+_LOGGED_ID_FIELDS = ("id", "user_id", "request_id")
+
+# The database is down, restarting or out of connections: the caller should retry.
+_DATABASE_UNREACHABLE = (OperationalError, InterfaceError, PoolTimeoutError)
+
+
+class RpcBoundary(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Maps domain errors to gRPC statuses and writes one JSON access-log line per unary RPC."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler  # streaming (health Watch, reflection): nothing of ours to map
+        method: str = handler_call_details.method
+        behavior = handler.unary_unary
+
+        def observed(request: Any, context: grpc.ServicerContext) -> Any:
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                return behavior(request, context)
+            except ServiceError as error:
+                code = error.code
+                context.abort_with_status(error.to_status())
+            except _DATABASE_UNREACHABLE:
+                log.warning("database unreachable", exc_info=True, extra={"fields": {"method": method}})
+                unavailable = Unavailable(
+                    "the database is unreachable; retry with backoff", reason="DATABASE_UNAVAILABLE"
+                )
+                code = unavailable.code
+                context.abort_with_status(unavailable.to_status())
+            except Exception:
+                if context.code() is not None:
+                    code = context.code()  # the handler aborted with a status of its own
+                    raise
+                # A bug: log it in full, tell the caller no more than that it was ours.
+                log.exception("unhandled error", extra={"fields": {"method": method}})
+                code = grpc.StatusCode.INTERNAL
+                context.abort(code, "internal error; it has been logged")
+            finally:
+                _log_rpc(method, code, started, request)
+
+        return grpc.unary_unary_rpc_method_handler(
+            observed,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def _log_rpc(method: str, code: grpc.StatusCode, started: float, request: Any) -> None:
+    fields: dict[str, Any] = {
+        "method": method,
+        "code": code.name,
+        "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+    }
+    declared = request.DESCRIPTOR.fields_by_name
+    for name in _LOGGED_ID_FIELDS:
+        if name in declared and getattr(request, name):
+            fields[name] = getattr(request, name)
+    log.info("rpc", extra={"fields": fields})

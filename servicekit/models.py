@@ -1,0 +1,61 @@
+"""The tables of the shared database. Each is owned by one service; the schema is defined once so
+that foreign keys between them resolve and Alembic sees all of it."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from decimal import Decimal
+
+from sqlalchemy import CheckConstraint, DateTime, ForeignKey, Index, Numeric, String, Text, Uuid, func
+from sqlalchemy.orm import Mapped, mapped_column
+
+from servicekit.db import Base
+from servicekit.idempotency import RequestIdColumn
+
+
+class UserRecord(RequestIdColumn, Base):
+    """Owned by UserService."""
+
+    __tablename__ = "users"
+    __table_args__ = (Index("users_create_time_id_idx", "create_time", "id"),)
+    __mapper_args__ = {"eager_defaults": True}  # noqa: RUF012 (SQLAlchemy reads a plain dict)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    email: Mapped[str] = mapped_column(String(254), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    create_time: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+
+
+# NUMERIC(28, 9) holds every positive google.type.Money: int64 units and nine digits of nanos.
+AMOUNT_TYPE = Numeric(28, 9)
+
+
+class OrderRecord(RequestIdColumn, Base):
+    """Owned by OrderService."""
+
+    __tablename__ = "orders"
+    __table_args__ = (
+        CheckConstraint("amount > 0", name="amount_positive"),
+        CheckConstraint("currency_code ~ '^[A-Z]{3}$'", name="currency_code_iso4217"),
+        CheckConstraint("status IN ('CREATED', 'PROCESSED', 'FAILED')", name="status_known"),
+        Index("orders_create_time_id_idx", "create_time", "id"),
+        Index("orders_user_id_create_time_id_idx", "user_id", "create_time", "id"),
+    )
+    __mapper_args__ = {"eager_defaults": True}  # noqa: RUF012 (SQLAlchemy reads a plain dict)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("users.id"))
+    amount: Mapped[Decimal] = mapped_column(AMOUNT_TYPE)
+    currency_code: Mapped[str] = mapped_column(String(3))
+    # The OrderStatus name without its ORDER_STATUS_ prefix.
+    status: Mapped[str] = mapped_column(String(16))
+    status_reason: Mapped[str] = mapped_column(Text, server_default="")
+    create_time: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    update_time: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )

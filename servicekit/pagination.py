@@ -1,0 +1,99 @@
+"""AIP-158 pagination: page sizes, and opaque keyset page tokens tied to the request's filter.
+
+Lists are ordered by (create_time, id), so a token naming the last row returned stays valid while
+rows are inserted between pages: new rows sort after it or are skipped, never repeated.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TypeVar
+
+from sqlalchemy import Select, tuple_
+from sqlalchemy.orm import InstrumentedAttribute, Session
+
+from servicekit.errors import InvalidArgument
+
+Row = TypeVar("Row")
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+_TOKEN_VERSION = 1
+
+
+def page_size(requested: int) -> int:
+    if requested < 0:
+        raise InvalidArgument("page_size", f"must not be negative, got {requested}")
+    if requested == 0:
+        return DEFAULT_PAGE_SIZE
+    return min(requested, MAX_PAGE_SIZE)
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """The position after the last row of a page."""
+
+    create_time: datetime
+    id: uuid.UUID
+
+
+def encode_page_token(cursor: Cursor, list_filter: str) -> str:
+    payload = {
+        "v": _TOKEN_VERSION,
+        "f": list_filter,
+        "t": cursor.create_time.isoformat(),
+        "i": str(cursor.id),
+    }
+    raw = json.dumps(payload, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_page_token(token: str, list_filter: str) -> Cursor | None:
+    """None for the first page; InvalidArgument for a token that is malformed or for another filter."""
+    if not token:
+        return None
+    invalid = InvalidArgument("page_token", "is not a token returned by a previous call of this list")
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        payload = json.loads(raw)
+        if not isinstance(payload, dict) or payload.get("v") != _TOKEN_VERSION:
+            raise invalid
+        if payload.get("f") != list_filter:
+            raise InvalidArgument(
+                "page_token", "was issued for a different filter; repeat the original request's filter"
+            )
+        create_time = datetime.fromisoformat(payload["t"])
+        if create_time.tzinfo is None:
+            raise invalid
+        return Cursor(create_time=create_time, id=uuid.UUID(payload["i"]))
+    except InvalidArgument:
+        raise
+    except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise invalid from None
+
+
+def fetch_page(
+    session: Session,
+    query: Select[tuple[Row]],
+    order_columns: tuple[InstrumentedAttribute[datetime], InstrumentedAttribute[uuid.UUID]],
+    requested_page_size: int,
+    page_token: str,
+    list_filter: str,
+) -> tuple[list[Row], str]:
+    """One page of `query` in (create_time, id) order, and the token of the next page ("" at the end)."""
+    size = page_size(requested_page_size)
+    cursor = decode_page_token(page_token, list_filter)
+    create_time, row_id = order_columns
+    if cursor is not None:
+        query = query.where(tuple_(create_time, row_id) > tuple_(cursor.create_time, cursor.id))
+    rows = list(session.scalars(query.order_by(create_time, row_id).limit(size + 1)))
+    if len(rows) <= size:
+        return rows, ""
+    last = rows[size - 1]
+    next_cursor = Cursor(create_time=getattr(last, create_time.key), id=getattr(last, row_id.key))
+    return rows[:size], encode_page_token(next_cursor, list_filter)

@@ -1,0 +1,1 @@
+"""UserService: creates and reads users."""

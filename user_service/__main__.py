@@ -1,0 +1,13 @@
+"""`python -m user_service`: serve UserService until SIGTERM/SIGINT."""
+
+from servicekit.server import serve
+from servicekit.settings import ServiceSettings
+from user_service.service import DEFINITION
+
+
+def load_settings() -> ServiceSettings:
+    return ServiceSettings.from_env("user_service", "USER_SERVICE_PORT", default_port=50051)
+
+
+if __name__ == "__main__":
+    serve(DEFINITION, load_settings)
