@@ -18,7 +18,9 @@ if config.config_file_name is not None and config.attributes.get("configure_logg
 
 
 def run_migrations() -> None:
-    url = config.attributes.get("database_url") or os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL)
+    url = config.attributes.get("database_url") or os.environ.get(
+        "DATABASE_URL", DEFAULT_DATABASE_URL
+    )
     engine = create_engine(url)
     with engine.connect() as connection:
         context.configure(connection=connection, target_metadata=Base.metadata, compare_type=True)

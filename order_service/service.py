@@ -10,7 +10,6 @@ from ecommerce.v1 import orders_pb2, orders_pb2_grpc
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from servicekit.models import OrderRecord
 from order_service.status import (
     CREATED,
     order_status_transition,
@@ -22,6 +21,7 @@ from servicekit.db import SessionFactory, transaction, violated_constraint
 from servicekit.errors import InvalidArgument, NotFound
 from servicekit.fields import parse_id, parse_request_id, to_timestamp
 from servicekit.idempotency import create_once
+from servicekit.models import OrderRecord
 from servicekit.money import decimal_to_money, money_to_decimal
 from servicekit.pagination import fetch_page
 from servicekit.server import ServiceDefinition
@@ -132,7 +132,7 @@ class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
             if order_status_transition(previous, requested):
                 record.status = status_to_column(requested)
                 record.status_reason = reason
-                record.update_time = func.now()  # type: ignore[assignment]  # the database's clock
+                record.update_time = func.now()  # the database's clock
                 log.info(
                     "order status changed",
                     extra={

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TypeAlias
+
 from ecommerce.v1 import orders_pb2
 
 from servicekit.errors import FailedPrecondition, InvalidArgument
 
-OrderStatus = orders_pb2.OrderStatus.ValueType
+OrderStatus: TypeAlias = orders_pb2.OrderStatus.ValueType
 
 CREATED = orders_pb2.ORDER_STATUS_CREATED
 PROCESSED = orders_pb2.ORDER_STATUS_PROCESSED

@@ -10,7 +10,7 @@ from sqlalchemy import Uuid, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
 
-from servicekit.db import SessionFactory, transaction, violated_constraint
+from servicekit.db import SessionFactory, transaction
 from servicekit.errors import InvalidArgument
 
 
@@ -41,11 +41,11 @@ def create_once(
     try:
         with transaction(sessions) as session:
             session.add(record)
-    except IntegrityError as error:
-        lost_race = violated_constraint(error) == f"{model.__tablename__}_request_id_key"
-        if request_id is not None and lost_race:
-            if earlier := _created_by(sessions, model, request_id):
-                return _replay(earlier, same_request)
+    except IntegrityError:
+        # A concurrent retry committed first. Which unique index reports the clash (request_id,
+        # or e.g. the email it also carries) depends on index order, so look for its row.
+        if request_id is not None and (earlier := _created_by(sessions, model, request_id)):
+            return _replay(earlier, same_request)
         raise
     return record
 

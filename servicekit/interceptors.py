@@ -22,14 +22,14 @@ _LOGGED_ID_FIELDS = ("id", "user_id", "request_id")
 _DATABASE_UNREACHABLE = (OperationalError, InterfaceError, PoolTimeoutError)
 
 
-class RpcBoundary(grpc.ServerInterceptor):  # type: ignore[misc]
+class RpcBoundary(grpc.ServerInterceptor):  # type: ignore[type-arg]
     """Maps domain errors to gRPC statuses and writes one JSON access-log line per unary RPC."""
 
     def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler  # streaming (health Watch, reflection): nothing of ours to map
@@ -45,15 +45,17 @@ class RpcBoundary(grpc.ServerInterceptor):  # type: ignore[misc]
                 code = error.code
                 context.abort_with_status(error.to_status())
             except _DATABASE_UNREACHABLE:
-                log.warning("database unreachable", exc_info=True, extra={"fields": {"method": method}})
+                log.warning(
+                    "database unreachable", exc_info=True, extra={"fields": {"method": method}}
+                )
                 unavailable = Unavailable(
                     "the database is unreachable; retry with backoff", reason="DATABASE_UNAVAILABLE"
                 )
                 code = unavailable.code
                 context.abort_with_status(unavailable.to_status())
             except Exception:
-                if context.code() is not None:
-                    code = context.code()  # the handler aborted with a status of its own
+                if (aborted_with := _code_set_by_handler(context)) is not None:
+                    code = aborted_with
                     raise
                 # A bug: log it in full, tell the caller no more than that it was ours.
                 log.exception("unhandled error", extra={"fields": {"method": method}})
@@ -80,3 +82,9 @@ def _log_rpc(method: str, code: grpc.StatusCode, started: float, request: Any) -
         if name in declared and getattr(request, name):
             fields[name] = getattr(request, name)
     log.info("rpc", extra={"fields": fields})
+
+
+def _code_set_by_handler(context: grpc.ServicerContext) -> grpc.StatusCode | None:
+    """The status a handler set before raising (e.g. through `context.abort`), if any."""
+    code: grpc.StatusCode | None = context.code()  # type: ignore[attr-defined]  # not in the stubs
+    return code

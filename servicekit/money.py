@@ -15,7 +15,7 @@ _CURRENCY_CODE = re.compile(r"[A-Z]{3}")
 
 
 def money_to_decimal(money: money_pb2.Money, field: str = "amount") -> Decimal:
-    """Validates a Money message (AIP-143 currency shape, nanos range and sign) and returns its value."""
+    """Validates a Money (currency code shape, nanos range and sign) and returns its exact value."""
     if not _CURRENCY_CODE.fullmatch(money.currency_code):
         raise InvalidArgument(
             f"{field}.currency_code",

@@ -54,10 +54,12 @@ def encode_page_token(cursor: Cursor, list_filter: str) -> str:
 
 
 def decode_page_token(token: str, list_filter: str) -> Cursor | None:
-    """None for the first page; InvalidArgument for a token that is malformed or for another filter."""
+    """None for the first page; InvalidArgument for a malformed token or one of another filter."""
     if not token:
         return None
-    invalid = InvalidArgument("page_token", "is not a token returned by a previous call of this list")
+    invalid = InvalidArgument(
+        "page_token", "is not a token returned by a previous call of this list"
+    )
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         payload = json.loads(raw)
@@ -65,7 +67,8 @@ def decode_page_token(token: str, list_filter: str) -> Cursor | None:
             raise invalid
         if payload.get("f") != list_filter:
             raise InvalidArgument(
-                "page_token", "was issued for a different filter; repeat the original request's filter"
+                "page_token",
+                "was issued for a different filter; repeat the original request's filter",
             )
         create_time = datetime.fromisoformat(payload["t"])
         if create_time.tzinfo is None:
@@ -79,13 +82,13 @@ def decode_page_token(token: str, list_filter: str) -> Cursor | None:
 
 def fetch_page(
     session: Session,
-    query: Select[tuple[Row]],
+    query: Select[Row],
     order_columns: tuple[InstrumentedAttribute[datetime], InstrumentedAttribute[uuid.UUID]],
     requested_page_size: int,
     page_token: str,
     list_filter: str,
 ) -> tuple[list[Row], str]:
-    """One page of `query` in (create_time, id) order, and the token of the next page ("" at the end)."""
+    """One page of `query` in (create_time, id) order, and the next page's token ("" at the end)."""
     size = page_size(requested_page_size)
     cursor = decode_page_token(page_token, list_filter)
     create_time, row_id = order_columns

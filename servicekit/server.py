@@ -1,4 +1,4 @@
-"""Server bootstrap shared by every service: port, health, reflection, logging, graceful shutdown."""
+"""Server bootstrap shared by every service: port, health, reflection, logs, graceful shutdown."""
 
 from __future__ import annotations
 
@@ -36,7 +36,11 @@ class DatabaseHealthMonitor:
     """Reports NOT_SERVING for the service while its database does not answer."""
 
     def __init__(
-        self, engine: Engine, health_servicer: health.HealthServicer, names: list[str], interval: float
+        self,
+        engine: Engine,
+        health_servicer: health.HealthServicer,
+        names: list[str],
+        interval: float,
     ) -> None:
         self._engine = engine
         self._health = health_servicer
@@ -65,8 +69,11 @@ class DatabaseHealthMonitor:
         )
         for name in self._names:
             self._health.set(name, status)
-        log.log(logging.INFO if serving else logging.WARNING, "health changed",
-                extra={"fields": {"serving": serving}})
+        log.log(
+            logging.INFO if serving else logging.WARNING,
+            "health changed",
+            extra={"fields": {"serving": serving}},
+        )
 
     def _run(self) -> None:
         while not self._stopped.wait(self._interval):
@@ -127,9 +134,7 @@ def start_service(definition: ServiceDefinition, settings: ServiceSettings) -> R
     return RunningService(server, port, engine, health_servicer, monitor)
 
 
-def serve(
-    definition: ServiceDefinition, settings_loader: Callable[[], ServiceSettings]
-) -> None:
+def serve(definition: ServiceDefinition, settings_loader: Callable[[], ServiceSettings]) -> None:
     """Entry point of a service process: runs until SIGTERM or SIGINT, then drains and exits 0."""
     try:
         settings = settings_loader()

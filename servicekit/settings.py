@@ -64,7 +64,9 @@ class ServiceSettings:
         env = os.environ if env is None else env
         log_level = env.get("LOG_LEVEL", "INFO").upper()
         if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-            raise SettingsError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+            raise SettingsError(
+                f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}"
+            )
         return cls(
             service_name=service_name,
             listen_host=env.get("GRPC_LISTEN_HOST", "127.0.0.1"),

@@ -13,7 +13,7 @@ import pytest
 from alembic import command
 from alembic.config import Config
 from ecommerce.v1 import orders_pb2_grpc, users_pb2, users_pb2_grpc
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, text
 
 from order_service.service import DEFINITION as ORDER_SERVICE
 from servicekit.server import RunningService, ServiceDefinition, start_service
@@ -26,10 +26,10 @@ TEST_DATABASE_URL = os.environ.get(
 )
 
 
-def service_settings(service_name: str, **overrides: object) -> ServiceSettings:
-    """Settings for a server on an ephemeral loopback port against the test database."""
+def service_settings(service_name: str, database_url: str = TEST_DATABASE_URL) -> ServiceSettings:
+    """Settings for a server on an ephemeral loopback port (port 0)."""
     base = ServiceSettings.from_env(service_name, "UNUSED_PORT_VARIABLE", 0, env={})
-    return replace(base, database_url=TEST_DATABASE_URL, **overrides)  # type: ignore[arg-type]
+    return replace(base, database_url=database_url)
 
 
 def migrate(database_url: str) -> None:
@@ -39,8 +39,18 @@ def migrate(database_url: str) -> None:
     command.upgrade(config, "head")
 
 
+def recreate_schema(database_url: str) -> None:
+    """An empty test database each run: the migrations are applied from scratch every time."""
+    engine = create_engine(database_url)
+    with engine.begin() as connection:
+        connection.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
+        connection.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+
+
 @pytest.fixture(scope="session")
 def database_url() -> str:
+    recreate_schema(TEST_DATABASE_URL)
     migrate(TEST_DATABASE_URL)
     return TEST_DATABASE_URL
 

@@ -24,7 +24,7 @@ def call_fails(call: Callable[..., Any], request: Any) -> RpcFailure:
     try:
         call(request)
     except grpc.RpcError as error:
-        status = rpc_status.from_call(error)
+        status = rpc_status.from_call(error)  # type: ignore[arg-type]  # it is also a grpc.Call
         reason, violations = "", {}
         for detail in status.details if status else []:
             if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):

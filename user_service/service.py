@@ -14,9 +14,9 @@ from servicekit.errors import AlreadyExists, NotFound
 from servicekit.fields import parse_id, parse_request_id, to_timestamp
 from servicekit.idempotency import create_once
 from servicekit.jsonlog import mask_email
+from servicekit.models import UserRecord
 from servicekit.pagination import fetch_page
 from servicekit.server import ServiceDefinition
-from servicekit.models import UserRecord
 from user_service.validation import normalise_email, normalise_name
 
 log = logging.getLogger("user_service")

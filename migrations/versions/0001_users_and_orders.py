@@ -59,9 +59,7 @@ def upgrade() -> None:
         ),
     )
     op.create_index("orders_create_time_id_idx", "orders", ["create_time", "id"])
-    op.create_index(
-        "orders_user_id_create_time_id_idx", "orders", ["user_id", "create_time", "id"]
-    )
+    op.create_index("orders_user_id_create_time_id_idx", "orders", ["user_id", "create_time", "id"])
 
 
 def downgrade() -> None:

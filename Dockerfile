@@ -1,0 +1,18 @@
+# One image for every service; docker-compose.yml picks the command.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 GRPC_LISTEN_HOST=0.0.0.0
+WORKDIR /app
+
+COPY requirements.lock ./
+RUN pip install --no-cache-dir -r requirements.lock
+
+COPY pyproject.toml alembic.ini ./
+COPY gen gen
+COPY servicekit servicekit
+COPY user_service user_service
+COPY order_service order_service
+COPY migrations migrations
+RUN pip install --no-cache-dir --no-deps .
+
+USER nobody

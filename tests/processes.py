@@ -1,0 +1,77 @@
+"""Service processes started the way users start them (`python -m ...`), on ephemeral ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class ServiceProcess:
+    """A service in a child process; its JSON log lines are collected for assertions."""
+
+    def __init__(self, module: str, port_variable: str, env: dict[str, str]) -> None:
+        self.module = module
+        self.log_lines: list[dict[str, object]] = []
+        self._serving = threading.Event()
+        self.port = 0
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", module],
+            cwd=REPO,
+            env={**os.environ, **env, port_variable: "0", "SHUTDOWN_GRACE_SECONDS": "5"},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stderr is not None
+        threading.Thread(target=self._collect, args=(self.process.stderr,), daemon=True).start()
+        if not self._serving.wait(timeout=20):
+            self.stop()
+            raise RuntimeError(f"{module} did not start: {self.log_lines}")
+
+    def _collect(self, stream: IO[str]) -> None:
+        for raw in stream:
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                line = {"raw": raw.rstrip()}
+            self.log_lines.append(line)
+            if line.get("message") == "serving":
+                self.port = int(str(line["port"]))
+                self._serving.set()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def terminate(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> int:
+        return self.process.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 10 s: this child only, by its PID."""
+        if self.process.poll() is None:
+            self.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def wait_until(condition: object, timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(condition) and condition():
+            return True
+        time.sleep(interval)
+    return False

@@ -1,0 +1,77 @@
+"""Pure logic: money, page tokens, the order lifecycle, settings."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+from ecommerce.v1 import orders_pb2
+from google.type import money_pb2
+
+from order_service.status import order_status_transition
+from servicekit.errors import FailedPrecondition, InvalidArgument
+from servicekit.money import decimal_to_money, money_to_decimal
+from servicekit.pagination import Cursor, decode_page_token, encode_page_token, page_size
+from servicekit.settings import ServiceSettings, SettingsError
+from user_service.validation import normalise_email
+
+
+@pytest.mark.parametrize(
+    ("units", "nanos", "value"),
+    [
+        (0, 1, Decimal("0.000000001")),
+        (12, 340_000_000, Decimal("12.34")),
+        (-3, -500_000_000, Decimal("-3.5")),
+        (9_223_372_036_854_775_807, 999_999_999, Decimal("9223372036854775807.999999999")),
+    ],
+)
+def test_money_round_trips_exactly(units: int, nanos: int, value: Decimal) -> None:
+    money = money_pb2.Money(currency_code="EUR", units=units, nanos=nanos)
+    assert money_to_decimal(money) == value
+    assert decimal_to_money(value, "EUR") == money
+
+
+def test_page_token_round_trips_and_is_tied_to_the_filter() -> None:
+    cursor = Cursor(datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC), uuid.uuid4())
+    token = encode_page_token(cursor, "user_id=abc")
+    assert decode_page_token(token, "user_id=abc") == cursor
+    assert decode_page_token("", "user_id=abc") is None
+    with pytest.raises(InvalidArgument):
+        decode_page_token(token, "user_id=other")
+
+
+def test_page_size_defaults_and_coerces() -> None:
+    assert page_size(0) == 50
+    assert page_size(7) == 7
+    assert page_size(5000) == 1000
+    with pytest.raises(InvalidArgument):
+        page_size(-1)
+
+
+def test_order_lifecycle() -> None:
+    created, processed, failed = (
+        orders_pb2.ORDER_STATUS_CREATED,
+        orders_pb2.ORDER_STATUS_PROCESSED,
+        orders_pb2.ORDER_STATUS_FAILED,
+    )
+    assert order_status_transition(created, processed) is True
+    assert order_status_transition(created, failed) is True
+    assert order_status_transition(processed, processed) is False
+    for current, requested in [(processed, failed), (failed, created), (processed, created)]:
+        with pytest.raises(FailedPrecondition):
+            order_status_transition(current, requested)
+
+
+def test_email_local_part_keeps_its_case() -> None:
+    assert normalise_email(" Ann.Lee@MAIL.Example.ORG ") == "Ann.Lee@mail.example.org"
+
+
+def test_settings_reject_unusable_values() -> None:
+    settings = ServiceSettings.from_env("svc", "SVC_PORT", 50051, env={"SVC_PORT": "6000"})
+    assert settings.port == 6000
+    assert settings.listen_host == "127.0.0.1"
+    for env in ({"SVC_PORT": "http"}, {"GRPC_MAX_WORKERS": "0"}, {"LOG_LEVEL": "LOUD"}):
+        with pytest.raises(SettingsError):
+            ServiceSettings.from_env("svc", "SVC_PORT", 50051, env=env)
