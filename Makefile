@@ -43,7 +43,7 @@ check-protos: protos ## Fail when gen/ is not what `make protos` produces
 lint: venv tools ## ruff, mypy and buf lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy servicekit user_service order_service migrations tests
+	$(VENV)/bin/mypy servicekit user_service order_service processor migrations tests bench
 	rm -rf .local/proto-deps && mkdir -p .local/proto-deps/google/type
 	cp $(GOOGLEAPIS)/google/type/money.proto .local/proto-deps/google/type/
 	$(BIN)/buf lint

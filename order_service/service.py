@@ -3,28 +3,33 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from decimal import Decimal
 
 import grpc
+from ecommerce.events.v1 import events_pb2
 from ecommerce.v1 import orders_pb2, orders_pb2_grpc
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from order_service.status import (
     CREATED,
+    OrderStatus,
     order_status_transition,
     parse_requested_status,
     status_from_column,
     status_to_column,
 )
-from servicekit.db import SessionFactory, transaction, violated_constraint
+from servicekit.db import transaction, violated_constraint
 from servicekit.errors import InvalidArgument, NotFound
 from servicekit.fields import parse_id, parse_request_id, to_timestamp
 from servicekit.idempotency import create_once
-from servicekit.models import OrderRecord
+from servicekit.models import OrderRecord, OrderStatusChangeRecord
 from servicekit.money import decimal_to_money, money_to_decimal
+from servicekit.outbox import Event, new_event_id, stage_event
 from servicekit.pagination import fetch_page
-from servicekit.server import ServiceDefinition
+from servicekit.server import ServiceDefinition, ServiceResources
 
 log = logging.getLogger("order_service")
 
@@ -53,8 +58,49 @@ def _positive_amount(request: orders_pb2.CreateOrderRequest) -> Decimal:
 
 
 class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
-    def __init__(self, sessions: SessionFactory) -> None:
-        self._sessions = sessions
+    def __init__(self, resources: ServiceResources) -> None:
+        self._sessions = resources.sessions
+        self._orders_topic = resources.settings.kafka.orders_topic
+        self._event_source = resources.event_source
+
+    def _stage(self, session: Session, user_id: str, event: Event) -> None:
+        # Keyed by user: all of one user's order events land in one partition, in order.
+        stage_event(
+            session, topic=self._orders_topic, key=user_id, source=self._event_source, event=event
+        )
+
+    def _announce_created(self, session: Session, record: OrderRecord) -> None:
+        order = order_message(record)
+        event = events_pb2.OrderCreated(
+            event_id=new_event_id(), order=order, occur_time=order.create_time
+        )
+        self._stage(session, order.user_id, event)
+
+    def _record_status_change(
+        self, session: Session, record: OrderRecord, previous: OrderStatus
+    ) -> None:
+        """The history row and the OrderStatusChanged event, in the transaction of the change."""
+        session.flush()  # the database sets update_time
+        event = events_pb2.OrderStatusChanged(
+            event_id=new_event_id(),
+            order_id=str(record.id),
+            user_id=str(record.user_id),
+            old_status=previous,
+            new_status=status_from_column(record.status),
+            reason=record.status_reason,
+            occur_time=to_timestamp(record.update_time),
+        )
+        session.add(
+            OrderStatusChangeRecord(
+                order_id=record.id,
+                old_status=status_to_column(previous),
+                new_status=record.status,
+                reason=record.status_reason,
+                event_id=uuid.UUID(event.event_id),
+                change_time=record.update_time,
+            )
+        )
+        self._stage(session, event.user_id, event)
 
     def CreateOrder(
         self, request: orders_pb2.CreateOrderRequest, context: grpc.ServicerContext
@@ -78,6 +124,7 @@ class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
                     (earlier.user_id, earlier.amount, earlier.currency_code)
                     == (user_id, amount, currency_code)
                 ),
+                in_same_transaction=self._announce_created,
             )
         except IntegrityError as error:
             if violated_constraint(error) == "orders_user_id_fkey":
@@ -133,6 +180,7 @@ class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
                 record.status = status_to_column(requested)
                 record.status_reason = reason
                 record.update_time = func.now()  # the database's clock
+                self._record_status_change(session, record, previous)
                 log.info(
                     "order status changed",
                     extra={
@@ -148,7 +196,7 @@ class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
 
 DEFINITION = ServiceDefinition(
     full_name=orders_pb2.DESCRIPTOR.services_by_name["OrderService"].full_name,
-    register=lambda server, sessions: orders_pb2_grpc.add_OrderServiceServicer_to_server(
-        OrderServicer(sessions), server
+    register=lambda server, resources: orders_pb2_grpc.add_OrderServiceServicer_to_server(
+        OrderServicer(resources), server
     ),
 )

@@ -8,7 +8,7 @@ from typing import TypeVar
 
 from sqlalchemy import Uuid, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from servicekit.db import SessionFactory, transaction
 from servicekit.errors import InvalidArgument
@@ -25,7 +25,10 @@ Record = TypeVar("Record", bound=RequestIdColumn)
 
 
 def create_once(
-    sessions: SessionFactory, record: Record, same_request: Callable[[Record], bool]
+    sessions: SessionFactory,
+    record: Record,
+    same_request: Callable[[Record], bool],
+    in_same_transaction: Callable[[Session, Record], None] | None = None,
 ) -> Record:
     """Inserts `record`, or returns the row that an earlier request with its request_id created.
 
@@ -33,6 +36,8 @@ def create_once(
     gets the winner's row. A request_id reused for a request with other data is refused, since
     returning the first result would silently drop the second request.
     Other constraint violations propagate as IntegrityError for the caller to map.
+    `in_same_transaction` runs after the insert (server defaults filled in) and commits with it:
+    the place to stage the event that announces the new row.
     """
     request_id = record.request_id
     model = type(record)
@@ -41,6 +46,9 @@ def create_once(
     try:
         with transaction(sessions) as session:
             session.add(record)
+            if in_same_transaction is not None:
+                session.flush()
+                in_same_transaction(session, record)
     except IntegrityError:
         # A concurrent retry committed first. Which unique index reports the clash (request_id,
         # or e.g. the email it also carries) depends on index order, so look for its row.

@@ -8,15 +8,19 @@ from datetime import datetime
 from decimal import Decimal
 
 from sqlalchemy import (
+    BigInteger,
     CheckConstraint,
     DateTime,
     ForeignKey,
+    Identity,
     Index,
+    LargeBinary,
     Numeric,
     String,
     Text,
     Uuid,
     func,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -69,3 +73,51 @@ class OrderRecord(RequestIdColumn, Base):
     update_time: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now()
     )
+
+
+class OrderStatusChangeRecord(Base):
+    """Owned by OrderService: one row per status transition an order went through."""
+
+    __tablename__ = "order_status_changes"
+    __table_args__ = (Index("order_status_changes_order_id_idx", "order_id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    order_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("orders.id"))
+    old_status: Mapped[str] = mapped_column(String(16))
+    new_status: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text)
+    # The OrderStatusChanged event that announced this change.
+    event_id: Mapped[uuid.UUID] = mapped_column(Uuid, unique=True)
+    change_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class OutboxEventRecord(Base):
+    """Events committed with the change they describe, waiting for the relay to publish them.
+
+    Rows are published in id order and kept for OUTBOX_RETENTION_SECONDS after publication.
+    An insert notifies the `outbox_events` channel (a trigger), which wakes the relay.
+    """
+
+    __tablename__ = "outbox_events"
+    __table_args__ = (
+        Index("outbox_events_unpublished_idx", "id", postgresql_where=text("publish_time IS NULL")),
+        Index(
+            "outbox_events_publish_time_idx",
+            "publish_time",
+            postgresql_where=text("publish_time IS NOT NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    event_id: Mapped[uuid.UUID] = mapped_column(Uuid, unique=True)
+    topic: Mapped[str] = mapped_column(Text)
+    message_key: Mapped[str] = mapped_column(Text)
+    # The full protobuf message name: the CloudEvents ce_type.
+    event_type: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(Text)
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    occur_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    create_time: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    publish_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

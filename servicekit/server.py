@@ -19,6 +19,7 @@ from sqlalchemy import Engine
 from servicekit.db import SessionFactory, create_db_engine, database_answers, session_factory
 from servicekit.interceptors import RpcBoundary
 from servicekit.jsonlog import configure_logging
+from servicekit.outbox import OutboxRelay
 from servicekit.settings import ServiceSettings, SettingsError
 
 log = logging.getLogger("servicekit.server")
@@ -29,7 +30,20 @@ class ServiceDefinition:
     """What a service contributes: its full proto name and how to add its servicer to a server."""
 
     full_name: str
-    register: Callable[[grpc.Server, SessionFactory], None]
+    register: Callable[[grpc.Server, ServiceResources], None]
+
+
+@dataclass(frozen=True)
+class ServiceResources:
+    """What a servicer is built from."""
+
+    sessions: SessionFactory
+    settings: ServiceSettings
+
+    @property
+    def event_source(self) -> str:
+        """The CloudEvents ce_source of the events this service writes."""
+        return f"/ecommerce/{self.settings.service_name}"
 
 
 class DatabaseHealthMonitor:
@@ -90,18 +104,23 @@ class RunningService:
         engine: Engine,
         health_servicer: health.HealthServicer,
         monitor: DatabaseHealthMonitor,
+        relay: OutboxRelay | None,
     ) -> None:
         self.server = server
         self.port = port
+        self.relay = relay
         self._engine = engine
         self._health = health_servicer
         self._monitor = monitor
 
     def stop(self, grace_seconds: float) -> None:
-        """Reject new RPCs, give in-flight ones `grace_seconds` to finish, then release the pool."""
+        """Reject new RPCs, give in-flight ones `grace_seconds` to finish, let the relay publish
+        what they committed, then release the pool."""
         self._monitor.stop()
         self._health.enter_graceful_shutdown()
         self.server.stop(grace_seconds).wait()
+        if self.relay is not None:
+            self.relay.stop()
         self._engine.dispose()
 
 
@@ -114,24 +133,81 @@ def start_service(definition: ServiceDefinition, settings: ServiceSettings) -> R
         ),
         interceptors=[RpcBoundary()],
     )
-    definition.register(server, session_factory(engine))
-
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [definition.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-    )
-    port = server.add_insecure_port(f"{settings.listen_host}:{settings.port}")
-    if port == 0:
+    definition.register(server, ServiceResources(session_factory(engine), settings))
+    health_servicer = _add_health_and_reflection(server, definition.full_name)
+    try:
+        port = _listen(server, settings.listen_host, settings.port)
+    except OSError:
         engine.dispose()
-        raise OSError(f"cannot listen on {settings.listen_host}:{settings.port}")
+        raise
 
     monitor = DatabaseHealthMonitor(
         engine, health_servicer, ["", definition.full_name], settings.health_check_interval_seconds
     )
     monitor.start()
+    relay = None
+    if settings.outbox.relay_enabled:
+        relay = OutboxRelay(
+            settings.database_url, settings.kafka, settings.outbox, settings.service_name
+        )
+        relay.start()
     server.start()
-    return RunningService(server, port, engine, health_servicer, monitor)
+    return RunningService(server, port, engine, health_servicer, monitor, relay)
+
+
+def _add_health_and_reflection(server: grpc.Server, service_name: str) -> health.HealthServicer:
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [service_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    return health_servicer
+
+
+def _listen(server: grpc.Server, host: str, port: int) -> int:
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    return bound
+
+
+class HealthServer:
+    """A gRPC server with only health and reflection, for a process that serves no RPCs of its
+    own (the processor), so that it is watched like the services."""
+
+    def __init__(self, host: str, port: int, service_name: str) -> None:
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        self._health = _add_health_and_reflection(self._server, service_name)
+        self._names = ["", service_name]
+        self.port = _listen(self._server, host, port)
+        self.set_serving(False)
+        self._server.start()
+
+    def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in self._names:
+            self._health.set(name, status)
+
+    def stop(self) -> None:
+        self._health.enter_graceful_shutdown()
+        self._server.stop(1).wait()
+
+
+def install_stop_signals() -> threading.Event:
+    """An event set by the first SIGTERM or SIGINT."""
+    stop_requested = threading.Event()
+
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("stopping", extra={"fields": {"signal": signal.Signals(signum).name}})
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    return stop_requested
 
 
 def serve(definition: ServiceDefinition, settings_loader: Callable[[], ServiceSettings]) -> None:
@@ -141,16 +217,7 @@ def serve(definition: ServiceDefinition, settings_loader: Callable[[], ServiceSe
     except SettingsError as error:
         sys.exit(f"configuration error: {error}")
     configure_logging(settings.service_name, settings.log_level)
-
-    stop_requested = threading.Event()
-
-    def request_stop(signum: int, _frame: FrameType | None) -> None:
-        log.info("stopping", extra={"fields": {"signal": signal.Signals(signum).name}})
-        stop_requested.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-
+    stop_requested = install_stop_signals()
     running = start_service(definition, settings)
     log.info("serving", extra={"fields": {"host": settings.listen_host, "port": running.port}})
     stop_requested.wait()

@@ -13,7 +13,7 @@ class SettingsError(ValueError):
     """An environment variable holds a value the service cannot use."""
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+def env_int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -26,7 +26,7 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
+def env_float(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -37,6 +37,75 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     if value <= 0:
         raise SettingsError(f"{name} must be positive, got {value}")
     return value
+
+
+def env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in {"1", "true", "yes"}:
+        return True
+    if raw in {"0", "false", "no"}:
+        return False
+    raise SettingsError(f"{name} must be true or false, got {raw!r}")
+
+
+def env_text(env: Mapping[str, str], name: str, default: str) -> str:
+    value = env.get(name) or default
+    if not value.strip():
+        raise SettingsError(f"{name} must not be blank")
+    return value.strip()
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    """Where events go. Topic names are settings so that test runs can use topics of their own."""
+
+    bootstrap_servers: str
+    orders_topic: str
+    users_topic: str
+    orders_dlq_topic: str
+    topic_partitions: int
+    replication_factor: int
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> KafkaSettings:
+        return cls(
+            bootstrap_servers=env_text(env, "KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:59092"),
+            orders_topic=env_text(env, "KAFKA_ORDERS_TOPIC", "ecommerce.orders.v1"),
+            users_topic=env_text(env, "KAFKA_USERS_TOPIC", "ecommerce.users.v1"),
+            orders_dlq_topic=env_text(env, "KAFKA_ORDERS_DLQ_TOPIC", "ecommerce.orders.v1.dlq"),
+            topic_partitions=env_int(env, "KAFKA_TOPIC_PARTITIONS", 3, minimum=1),
+            replication_factor=env_int(env, "KAFKA_REPLICATION_FACTOR", 1, minimum=1),
+        )
+
+
+@dataclass(frozen=True)
+class OutboxSettings:
+    """How the outbox relay publishes committed events (see servicekit.outbox)."""
+
+    relay_enabled: bool
+    batch_size: int
+    poll_interval_seconds: float
+    retention_seconds: float
+    publish_timeout_seconds: float
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> OutboxSettings:
+        return cls(
+            relay_enabled=env_bool(env, "OUTBOX_RELAY_ENABLED", True),
+            batch_size=env_int(env, "OUTBOX_BATCH_SIZE", 500, minimum=1),
+            poll_interval_seconds=env_float(env, "OUTBOX_POLL_INTERVAL_SECONDS", 1.0),
+            retention_seconds=env_float(env, "OUTBOX_RETENTION_SECONDS", 3600.0),
+            publish_timeout_seconds=env_float(env, "OUTBOX_PUBLISH_TIMEOUT_SECONDS", 10.0),
+        )
+
+
+def parse_log_level(env: Mapping[str, str]) -> str:
+    level = env.get("LOG_LEVEL", "INFO").upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise SettingsError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
+    return level
 
 
 @dataclass(frozen=True)
@@ -52,6 +121,8 @@ class ServiceSettings:
     shutdown_grace_seconds: float
     health_check_interval_seconds: float
     log_level: str
+    kafka: KafkaSettings
+    outbox: OutboxSettings
 
     @classmethod
     def from_env(
@@ -62,19 +133,16 @@ class ServiceSettings:
         env: Mapping[str, str] | None = None,
     ) -> ServiceSettings:
         env = os.environ if env is None else env
-        log_level = env.get("LOG_LEVEL", "INFO").upper()
-        if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-            raise SettingsError(
-                f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}"
-            )
         return cls(
             service_name=service_name,
             listen_host=env.get("GRPC_LISTEN_HOST", "127.0.0.1"),
-            port=_int(env, port_variable, default_port),
+            port=env_int(env, port_variable, default_port),
             database_url=env.get("DATABASE_URL", DEFAULT_DATABASE_URL),
-            max_workers=_int(env, "GRPC_MAX_WORKERS", 16, minimum=1),
-            db_pool_size=_int(env, "DB_POOL_SIZE", 10, minimum=1),
-            shutdown_grace_seconds=_float(env, "SHUTDOWN_GRACE_SECONDS", 10.0),
-            health_check_interval_seconds=_float(env, "HEALTH_CHECK_INTERVAL_SECONDS", 2.0),
-            log_level=log_level,
+            max_workers=env_int(env, "GRPC_MAX_WORKERS", 16, minimum=1),
+            db_pool_size=env_int(env, "DB_POOL_SIZE", 10, minimum=1),
+            shutdown_grace_seconds=env_float(env, "SHUTDOWN_GRACE_SECONDS", 10.0),
+            health_check_interval_seconds=env_float(env, "HEALTH_CHECK_INTERVAL_SECONDS", 2.0),
+            log_level=parse_log_level(env),
+            kafka=KafkaSettings.from_env(env),
+            outbox=OutboxSettings.from_env(env),
         )

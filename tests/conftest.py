@@ -1,35 +1,64 @@
-"""Fixtures: the real PostgreSQL (migrated once per run) and real gRPC servers on loopback."""
+"""Fixtures: the real PostgreSQL (schema migrated from scratch each run), the real Kafka broker
+(topics of this run only) and real gRPC servers on loopback."""
 
 from __future__ import annotations
 
 import os
 import uuid
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
 from alembic import command
 from alembic.config import Config
+from confluent_kafka.admin import AdminClient
 from ecommerce.v1 import orders_pb2_grpc, users_pb2, users_pb2_grpc
 from sqlalchemy import Engine, create_engine, text
 
 from order_service.service import DEFINITION as ORDER_SERVICE
+from servicekit.kafka import ensure_topics
+from servicekit.outbox import OutboxRelay
 from servicekit.server import RunningService, ServiceDefinition, start_service
-from servicekit.settings import ServiceSettings
+from servicekit.settings import KafkaSettings, OutboxSettings, ServiceSettings
 from user_service.service import DEFINITION as USER_SERVICE
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_DATABASE_URL = os.environ.get(
     "TEST_DATABASE_URL", "postgresql+psycopg2://ecommerce@127.0.0.1:55432/ecommerce_test"
 )
+RUN_ID = uuid.uuid4().hex[:8]
+# Topics of this run only: events of earlier runs (whose rows are gone) never reach its consumers.
+TEST_ENV = {
+    "DATABASE_URL": TEST_DATABASE_URL,
+    "KAFKA_BOOTSTRAP_SERVERS": os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:59092"),
+    "KAFKA_ORDERS_TOPIC": f"test-{RUN_ID}.ecommerce.orders.v1",
+    "KAFKA_USERS_TOPIC": f"test-{RUN_ID}.ecommerce.users.v1",
+    "KAFKA_ORDERS_DLQ_TOPIC": f"test-{RUN_ID}.ecommerce.orders.v1.dlq",
+    # One relay for the whole run (the `relay` fixture), which tests may stop and replace.
+    "OUTBOX_RELAY_ENABLED": "false",
+    "OUTBOX_POLL_INTERVAL_SECONDS": "0.5",
+    "OUTBOX_PUBLISH_TIMEOUT_SECONDS": "3",
+}
+KAFKA = KafkaSettings.from_env(TEST_ENV)
 
 
-def service_settings(service_name: str, database_url: str = TEST_DATABASE_URL) -> ServiceSettings:
-    """Settings for a server on an ephemeral loopback port (port 0)."""
-    base = ServiceSettings.from_env(service_name, "UNUSED_PORT_VARIABLE", 0, env={})
-    return replace(base, database_url=database_url)
+def service_settings(service_name: str, **env: str) -> ServiceSettings:
+    """Settings for a server on an ephemeral loopback port (port 0), against this run's test
+    database and topics; `env` overrides variables."""
+    return ServiceSettings.from_env(
+        service_name, "UNUSED_PORT_VARIABLE", 0, env={**TEST_ENV, **env}
+    )
+
+
+def new_relay(**env: str) -> OutboxRelay:
+    merged = {**TEST_ENV, **env}
+    return OutboxRelay(
+        TEST_DATABASE_URL,
+        KafkaSettings.from_env(merged),
+        OutboxSettings.from_env(merged),
+        client_id=f"test-relay-{uuid.uuid4().hex[:6]}",
+    )
 
 
 def migrate(database_url: str) -> None:
@@ -49,7 +78,18 @@ def recreate_schema(database_url: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def database_url() -> str:
+def kafka_topics() -> Iterator[KafkaSettings]:
+    """This run's topics on the real broker, deleted when the run ends."""
+    ensure_topics(KAFKA, timeout_seconds=30)
+    yield KAFKA
+    admin = AdminClient({"bootstrap.servers": KAFKA.bootstrap_servers})
+    topics = [KAFKA.orders_topic, KAFKA.users_topic, KAFKA.orders_dlq_topic]
+    for future in admin.delete_topics(topics, request_timeout=10).values():
+        future.result()
+
+
+@pytest.fixture(scope="session")
+def database_url(kafka_topics: KafkaSettings) -> str:
     recreate_schema(TEST_DATABASE_URL)
     migrate(TEST_DATABASE_URL)
     return TEST_DATABASE_URL
@@ -62,31 +102,57 @@ def engine(database_url: str) -> Iterator[Engine]:
     engine.dispose()
 
 
-def _serve(definition: ServiceDefinition, name: str) -> Iterator[grpc.Channel]:
-    running: RunningService = start_service(definition, service_settings(name))
-    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-        yield channel
+class RelayHandle:
+    """The run's outbox relay; a test may stop it to simulate an outage, then start a new one."""
+
+    def __init__(self) -> None:
+        self.current: OutboxRelay | None = None
+
+    def start(self) -> None:
+        if self.current is None:
+            self.current = new_relay()
+            self.current.start()
+
+    def stop(self) -> None:
+        if self.current is not None:
+            self.current.stop()
+            self.current = None
+
+
+@pytest.fixture(scope="session")
+def relay(database_url: str) -> Iterator[RelayHandle]:
+    handle = RelayHandle()
+    handle.start()
+    yield handle
+    handle.stop()
+
+
+def _serve(definition: ServiceDefinition, name: str) -> Iterator[RunningService]:
+    running = start_service(definition, service_settings(name))
+    yield running
     running.stop(grace_seconds=1)
 
 
 @pytest.fixture(scope="session")
-def user_channel(database_url: str) -> Iterator[grpc.Channel]:
+def user_server(database_url: str) -> Iterator[RunningService]:
     yield from _serve(USER_SERVICE, "user_service")
 
 
 @pytest.fixture(scope="session")
-def order_channel(database_url: str) -> Iterator[grpc.Channel]:
+def order_server(database_url: str) -> Iterator[RunningService]:
     yield from _serve(ORDER_SERVICE, "order_service")
 
 
 @pytest.fixture(scope="session")
-def users(user_channel: grpc.Channel) -> users_pb2_grpc.UserServiceStub:
-    return users_pb2_grpc.UserServiceStub(user_channel)
+def users(user_server: RunningService) -> Iterator[users_pb2_grpc.UserServiceStub]:
+    with grpc.insecure_channel(f"127.0.0.1:{user_server.port}") as channel:
+        yield users_pb2_grpc.UserServiceStub(channel)
 
 
 @pytest.fixture(scope="session")
-def orders(order_channel: grpc.Channel) -> orders_pb2_grpc.OrderServiceStub:
-    return orders_pb2_grpc.OrderServiceStub(order_channel)
+def orders(order_server: RunningService) -> Iterator[orders_pb2_grpc.OrderServiceStub]:
+    with grpc.insecure_channel(f"127.0.0.1:{order_server.port}") as channel:
+        yield orders_pb2_grpc.OrderServiceStub(channel)
 
 
 def unique_email(prefix: str = "user") -> str:

@@ -28,7 +28,7 @@ def closed_loopback_port() -> int:
 @pytest.fixture
 def channel_without_database() -> Iterator[grpc.Channel]:
     url = f"postgresql+psycopg2://ecommerce@127.0.0.1:{closed_loopback_port()}/ecommerce"
-    running = start_service(USER_SERVICE, service_settings("user_service", database_url=url))
+    running = start_service(USER_SERVICE, service_settings("user_service", DATABASE_URL=url))
     with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         yield channel
     running.stop(grace_seconds=1)

@@ -18,7 +18,7 @@ from google.type import money_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import Engine, text
 
-from tests.conftest import unique_email
+from tests.conftest import TEST_ENV, unique_email
 from tests.processes import REPO, ServiceProcess, wait_until
 
 
@@ -41,14 +41,14 @@ def grpcurl(
 
 @pytest.fixture(scope="module")
 def user_process(database_url: str) -> Iterator[ServiceProcess]:
-    process = ServiceProcess("user_service", "USER_SERVICE_PORT", {"DATABASE_URL": database_url})
+    process = ServiceProcess("user_service", "USER_SERVICE_PORT", TEST_ENV)
     yield process
     process.stop()
 
 
 @pytest.fixture
 def order_process(database_url: str) -> Iterator[ServiceProcess]:
-    process = ServiceProcess("order_service", "ORDER_SERVICE_PORT", {"DATABASE_URL": database_url})
+    process = ServiceProcess("order_service", "ORDER_SERVICE_PORT", TEST_ENV)
     yield process
     process.stop()
 

@@ -5,18 +5,21 @@ from __future__ import annotations
 import logging
 
 import grpc
+from ecommerce.events.v1 import events_pb2
 from ecommerce.v1 import users_pb2, users_pb2_grpc
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
-from servicekit.db import SessionFactory, violated_constraint
+from servicekit.db import violated_constraint
 from servicekit.errors import AlreadyExists, NotFound
 from servicekit.fields import parse_id, parse_request_id, to_timestamp
 from servicekit.idempotency import create_once
 from servicekit.jsonlog import mask_email
 from servicekit.models import UserRecord
+from servicekit.outbox import new_event_id, stage_event
 from servicekit.pagination import fetch_page
-from servicekit.server import ServiceDefinition
+from servicekit.server import ServiceDefinition, ServiceResources
 from user_service.validation import normalise_email, normalise_name
 
 log = logging.getLogger("user_service")
@@ -32,8 +35,22 @@ def user_message(record: UserRecord) -> users_pb2.User:
 
 
 class UserServicer(users_pb2_grpc.UserServiceServicer):
-    def __init__(self, sessions: SessionFactory) -> None:
-        self._sessions = sessions
+    def __init__(self, resources: ServiceResources) -> None:
+        self._sessions = resources.sessions
+        self._users_topic = resources.settings.kafka.users_topic
+        self._event_source = resources.event_source
+
+    def _announce(self, session: Session, record: UserRecord) -> None:
+        user = user_message(record)
+        stage_event(
+            session,
+            topic=self._users_topic,
+            key=user.id,
+            source=self._event_source,
+            event=events_pb2.UserCreated(
+                event_id=new_event_id(), user=user, occur_time=user.create_time
+            ),
+        )
 
     def CreateUser(
         self, request: users_pb2.CreateUserRequest, context: grpc.ServicerContext
@@ -46,6 +63,7 @@ class UserServicer(users_pb2_grpc.UserServiceServicer):
                 self._sessions,
                 UserRecord(email=email, name=name, request_id=request_id),
                 same_request=lambda earlier: (earlier.email, earlier.name) == (email, name),
+                in_same_transaction=self._announce,
             )
         except IntegrityError as error:
             if violated_constraint(error) == "users_email_key":
@@ -88,7 +106,7 @@ class UserServicer(users_pb2_grpc.UserServiceServicer):
 
 DEFINITION = ServiceDefinition(
     full_name=users_pb2.DESCRIPTOR.services_by_name["UserService"].full_name,
-    register=lambda server, sessions: users_pb2_grpc.add_UserServiceServicer_to_server(
-        UserServicer(sessions), server
+    register=lambda server, resources: users_pb2_grpc.add_UserServiceServicer_to_server(
+        UserServicer(resources), server
     ),
 )

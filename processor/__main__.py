@@ -1,0 +1,68 @@
+"""`python -m processor`: consume order events until SIGTERM/SIGINT, then commit and exit 0."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import grpc
+from confluent_kafka import Consumer
+from ecommerce.v1 import orders_pb2_grpc
+
+from processor.consumer import (
+    DeadLetterQueue,
+    OrderEventProcessor,
+    commit_on_revoke,
+    consumer_config,
+)
+from processor.rules import CurrencyAndLimitRule
+from processor.settings import ProcessorSettings
+from servicekit.jsonlog import configure_logging
+from servicekit.server import HealthServer, install_stop_signals
+from servicekit.settings import SettingsError
+
+log = logging.getLogger("processor")
+HEALTH_SERVICE_NAME = "ecommerce.processor"
+
+
+def main() -> None:
+    try:
+        settings = ProcessorSettings.from_env()
+    except SettingsError as error:
+        sys.exit(f"configuration error: {error}")
+    configure_logging("processor", settings.log_level)
+    stop = install_stop_signals()
+
+    # Every client is made here, in the process that uses it (none survives a fork).
+    health = HealthServer(settings.listen_host, settings.health_port, HEALTH_SERVICE_NAME)
+    consumer = Consumer(consumer_config(settings.kafka, settings.group_id))
+    consumer.subscribe([settings.kafka.orders_topic], on_revoke=commit_on_revoke)
+    dead_letters = DeadLetterQueue(settings.kafka, settings.group_id)
+    channel = grpc.insecure_channel(settings.order_service_address)
+    processor = OrderEventProcessor(
+        consumer,
+        orders_pb2_grpc.OrderServiceStub(channel),
+        CurrencyAndLimitRule(settings.accepted_currencies, settings.max_order_amount),
+        dead_letters,
+        callback_timeout=settings.callback_timeout_seconds,
+        callback_retry_seconds=settings.callback_retry_seconds,
+        stop=stop,
+    )
+    health.set_serving(True)
+    log.info(
+        "serving",
+        extra={"fields": {"port": health.port, "topic": settings.kafka.orders_topic}},
+    )
+    try:
+        processor.run()
+    finally:
+        health.set_serving(False)
+        consumer.close()  # commits nothing more: run() committed what was applied
+        dead_letters.close()
+        channel.close()
+        health.stop()
+    log.info("stopped", extra={"fields": {"handled": processor.handled}})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""The processor's settings, from environment variables (documented in the README)."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+
+from servicekit.settings import (
+    KafkaSettings,
+    SettingsError,
+    env_float,
+    env_int,
+    env_text,
+    parse_log_level,
+)
+
+
+def _currencies(env: Mapping[str, str]) -> frozenset[str]:
+    raw = env.get("ACCEPTED_CURRENCIES") or "USD,EUR,GBP"
+    codes = frozenset(code.strip() for code in raw.split(",") if code.strip())
+    if not codes or not all(re.fullmatch(r"[A-Z]{3}", code) for code in codes):
+        raise SettingsError(f"ACCEPTED_CURRENCIES must be ISO 4217 codes like USD,EUR, got {raw!r}")
+    return codes
+
+
+def _amount(env: Mapping[str, str], name: str, default: str) -> Decimal:
+    raw = env.get(name) or default
+    try:
+        value = Decimal(raw)
+    except InvalidOperation:
+        raise SettingsError(f"{name} must be a decimal number, got {raw!r}") from None
+    if not value.is_finite() or value <= 0:
+        raise SettingsError(f"{name} must be positive, got {raw!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ProcessorSettings:
+    kafka: KafkaSettings
+    group_id: str
+    order_service_address: str
+    listen_host: str
+    health_port: int
+    accepted_currencies: frozenset[str]
+    max_order_amount: Decimal
+    callback_timeout_seconds: float
+    callback_retry_seconds: float
+    log_level: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ProcessorSettings:
+        env = os.environ if env is None else env
+        return cls(
+            kafka=KafkaSettings.from_env(env),
+            group_id=env_text(env, "PROCESSOR_GROUP_ID", "order-processor"),
+            order_service_address=env_text(env, "ORDER_SERVICE_ADDRESS", "127.0.0.1:50052"),
+            listen_host=env_text(env, "GRPC_LISTEN_HOST", "127.0.0.1"),
+            health_port=env_int(env, "PROCESSOR_HEALTH_PORT", 50053),
+            accepted_currencies=_currencies(env),
+            max_order_amount=_amount(env, "MAX_ORDER_AMOUNT", "10000"),
+            callback_timeout_seconds=env_float(env, "CALLBACK_TIMEOUT_SECONDS", 5.0),
+            callback_retry_seconds=env_float(env, "CALLBACK_RETRY_SECONDS", 10.0),
+            log_level=parse_log_level(env),
+        )

@@ -1,0 +1,129 @@
+"""Kafka plumbing shared by the services and the processor: client configs, CloudEvents headers
+(binary content mode of the Kafka protocol binding) and topic creation."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Message
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
+
+from servicekit.settings import KafkaSettings
+
+log = logging.getLogger("servicekit.kafka")
+
+Headers = list[tuple[str, str | bytes | None]]
+# What confluent-kafka hands back for a message's headers.
+MessageHeaders = dict[str, str | bytes | None] | list[tuple[str, str | bytes | None]] | None
+
+CONTENT_TYPE = "application/protobuf"
+CLOUDEVENTS_SPEC_VERSION = "1.0"
+
+
+def producer_config(settings: KafkaSettings, client_id: str, **overrides: Any) -> dict[str, Any]:
+    """An idempotent producer: acks from every in-sync replica, retries that neither duplicate
+    nor reorder within a partition."""
+    return {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "client.id": client_id,
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 5,
+        "compression.type": "lz4",
+        **overrides,
+    }
+
+
+def cloudevent_headers(
+    event_id: str, source: str, event_type: str, occur_time: datetime
+) -> Headers:
+    return [
+        ("ce_specversion", CLOUDEVENTS_SPEC_VERSION.encode()),
+        ("ce_id", event_id.encode()),
+        ("ce_source", source.encode()),
+        ("ce_type", event_type.encode()),
+        ("ce_time", occur_time.astimezone(UTC).isoformat().replace("+00:00", "Z").encode()),
+        ("content-type", CONTENT_TYPE.encode()),
+    ]
+
+
+def header_pairs(headers: MessageHeaders) -> Headers:
+    if headers is None:
+        return []
+    return list(headers.items()) if isinstance(headers, dict) else list(headers)
+
+
+def header(headers: MessageHeaders, name: str) -> str | None:
+    """The last value of a header, decoded; None when absent or not UTF-8."""
+    for key, value in reversed(header_pairs(headers)):
+        if key == name and value is not None:
+            if isinstance(value, str):
+                return value
+            try:
+                return value.decode()
+            except UnicodeDecodeError:
+                return None
+    return None
+
+
+def headers_without(headers: MessageHeaders, prefix: str) -> Headers:
+    return [(key, value) for key, value in header_pairs(headers) if not key.startswith(prefix)]
+
+
+@dataclass(frozen=True)
+class Position:
+    topic: str
+    partition: int
+    offset: int
+
+
+def position(message: Message) -> Position:
+    """Where a consumed message is (always known for a message without error)."""
+    topic, partition, offset = message.topic(), message.partition(), message.offset()
+    if topic is None or partition is None or offset is None:
+        raise ValueError("message has no position")
+    return Position(topic, partition, offset)
+
+
+def ensure_topics(settings: KafkaSettings, timeout_seconds: float = 60.0) -> None:
+    """Creates the project's topics if they do not exist (the broker never auto-creates them)."""
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    # With three or more replicas, an acknowledged write survives the loss of one broker.
+    min_insync = "2" if settings.replication_factor >= 3 else "1"
+    wanted = [
+        NewTopic(
+            name,
+            num_partitions=settings.topic_partitions,
+            replication_factor=settings.replication_factor,
+            config={"min.insync.replicas": min_insync},
+        )
+        for name in (settings.orders_topic, settings.users_topic, settings.orders_dlq_topic)
+    ]
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        pending = _create(admin, wanted)
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"could not create topics {pending} on {settings.bootstrap_servers}")
+        time.sleep(1)
+
+
+def _create(admin: AdminClient, topics: Iterable[NewTopic]) -> list[str]:
+    """Creates what it can; returns the names still to be created (the broker may be starting)."""
+    pending = []
+    for name, future in admin.create_topics(list(topics), request_timeout=10).items():
+        try:
+            future.result()
+            log.info("topic created", extra={"fields": {"topic": name}})
+        except KafkaException as error:
+            if error.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                log.warning("topic not created yet: %s", error, extra={"fields": {"topic": name}})
+                pending.append(name)
+    return pending

@@ -1,0 +1,52 @@
+"""Retries of outgoing gRPC calls: exponential backoff with full jitter, bounded in time."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Collection
+from typing import TypeVar
+
+import grpc
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+
+TRANSIENT_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+
+
+def call_with_retry(
+    call: Callable[..., Response],
+    request: Request,
+    *,
+    retryable: Collection[grpc.StatusCode],
+    attempt_timeout: float,
+    give_up_after: float,
+    stop: threading.Event | None = None,
+    first_delay: float = 0.05,
+    max_delay: float = 2.0,
+) -> Response:
+    """Calls until success, a code not in `retryable`, `give_up_after` seconds, or `stop`; then
+    raises the last grpc.RpcError."""
+    deadline = time.monotonic() + give_up_after
+    delay = first_delay
+    while True:
+        try:
+            return call(request, timeout=attempt_timeout)
+        except grpc.RpcError as error:
+            out_of_time = time.monotonic() + delay > deadline
+            if error.code() not in retryable or out_of_time or (stop and stop.is_set()):
+                raise
+        pause = random.uniform(0, delay)  # full jitter: retries of many callers spread out
+        if stop is not None:
+            stop.wait(pause)
+        else:
+            time.sleep(pause)
+        delay = min(delay * 2, max_delay)
