@@ -12,6 +12,7 @@ COPY gen gen
 COPY servicekit servicekit
 COPY user_service user_service
 COPY order_service order_service
+COPY processor processor
 COPY migrations migrations
 RUN pip install --no-cache-dir --no-deps .
 

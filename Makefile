@@ -11,8 +11,10 @@ GOOGLEAPIS  = $(shell $(PY) -c 'import google.type, os; print(os.path.dirname(os
 
 export DATABASE_URL ?= postgresql+psycopg2://ecommerce@127.0.0.1:55432/ecommerce
 export TEST_DATABASE_URL ?= postgresql+psycopg2://ecommerce@127.0.0.1:55432/ecommerce_test
+export KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:59092
 
-.PHONY: help venv tools protos check-protos lint format infra-up infra-down migrate run test
+.PHONY: help venv tools protos check-protos lint format infra-up infra-down migrate run test \
+        dlq-replay events bench-e2e
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -52,17 +54,33 @@ format: venv ## Apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-infra-up: ## Install (if missing) and start PostgreSQL on 127.0.0.1:55432
+infra-up: venv ## Start PostgreSQL (127.0.0.1:55432) and Kafka (127.0.0.1:59092), create the topics
 	bash scripts/postgres.sh up
+	bash scripts/kafka.sh up
+	$(PY) -m servicekit.topics
 
 infra-down: ## Stop what infra-up started
+	bash scripts/kafka.sh down
 	bash scripts/postgres.sh down
 
 migrate: venv infra-up ## Apply the Alembic migrations to DATABASE_URL
 	$(VENV)/bin/alembic upgrade head
 
-run: venv tools migrate ## Start both services in the foreground; Ctrl-C stops them
+run: venv tools migrate ## Start the services and the processor in the foreground; Ctrl-C stops them
 	bash scripts/run_local.sh
+
+dlq-replay: venv ## Republish dead-lettered order events to their topic
+	$(PY) -m processor.dlq_replay
+
+TOPIC ?= ecommerce.orders.v1
+events: ## Print keys and CloudEvents headers of TOPIC's events (Ctrl-C stops)
+	java -Dlog4j2.configurationFile=infra/kafka/log4j2.properties -Dkafka.logs.dir=.local/kafka/logs \
+	  -cp '.local/kafka/libs/*' org.apache.kafka.tools.consumer.ConsoleConsumer \
+	  --bootstrap-server $(KAFKA_BOOTSTRAP_SERVERS) --topic $(TOPIC) --from-beginning \
+	  --property print.key=true --property print.headers=true --property print.value=false
+
+bench-e2e: venv ## CreateOrder -> PROCESSED latency through the running stack (make run first)
+	$(PY) -m bench.e2e_latency
 
 test: venv tools infra-up ## The whole suite, against the real Postgres and real servers
 	$(PY) -m pytest

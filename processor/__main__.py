@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping
 
 import grpc
 from confluent_kafka import Consumer
@@ -25,9 +26,13 @@ log = logging.getLogger("processor")
 HEALTH_SERVICE_NAME = "ecommerce.processor"
 
 
+def load_settings(env: Mapping[str, str] | None = None) -> ProcessorSettings:
+    return ProcessorSettings.from_env(env)
+
+
 def main() -> None:
     try:
-        settings = ProcessorSettings.from_env()
+        settings = load_settings()
     except SettingsError as error:
         sys.exit(f"configuration error: {error}")
     configure_logging("processor", settings.log_level)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make run`: both services in the foreground, their JSON logs interleaved. Ctrl-C (or SIGTERM)
+# `make run`: the services and the processor in the foreground, their JSON logs interleaved. Ctrl-C (or SIGTERM)
 # stops exactly the processes started here, by PID, and waits for their graceful drain.
 set -uo pipefail
 
@@ -27,8 +27,9 @@ trap 'stop_all; exit 0' INT TERM
 
 start user_service
 start order_service
+start processor
 
-for port in "${USER_SERVICE_PORT:-50051}" "${ORDER_SERVICE_PORT:-50052}"; do
+for port in "${USER_SERVICE_PORT:-50051}" "${ORDER_SERVICE_PORT:-50052}" "${PROCESSOR_HEALTH_PORT:-50053}"; do
   "$python" - "$port" <<'PY' || { stop_all; exit 1; }
 import sys, time
 from servicekit.healthcheck import is_serving
@@ -42,15 +43,17 @@ done
 
 cat >&2 <<MSG
 
-Both services are up. Try (grpcurl is in .local/bin):
+user_service, order_service and processor are up. Try (grpcurl is in .local/bin):
   export PATH="\$PWD/.local/bin:\$PATH"
   grpcurl -plaintext localhost:${USER_SERVICE_PORT:-50051} list
   grpcurl -plaintext -d '{"email":"ada@example.com","name":"Ada"}' localhost:${USER_SERVICE_PORT:-50051} ecommerce.v1.UserService/CreateUser
-  grpcurl -plaintext -d '{"user_id":"<id from above>","amount":{"currency_code":"USD","units":"42"}}' localhost:${ORDER_SERVICE_PORT:-50052} ecommerce.v1.OrderService/CreateOrder
-  grpcurl -plaintext -d '{"user_id":"<id>"}' localhost:${ORDER_SERVICE_PORT:-50052} ecommerce.v1.OrderService/ListOrders
-Ctrl-C stops both.
+  grpcurl -plaintext -d '{"user_id":"<user id>","amount":{"currency_code":"USD","units":"42"}}' localhost:${ORDER_SERVICE_PORT:-50052} ecommerce.v1.OrderService/CreateOrder
+  grpcurl -plaintext -d '{"id":"<order id>"}' localhost:${ORDER_SERVICE_PORT:-50052} ecommerce.v1.OrderService/GetOrder
+      (a moment later: "status": "ORDER_STATUS_PROCESSED"; in JPY, or above 10000, ORDER_STATUS_FAILED)
+  grpcurl -plaintext localhost:${PROCESSOR_HEALTH_PORT:-50053} grpc.health.v1.Health/Check
+Ctrl-C stops all three.
 
 MSG
-# If either service exits on its own, stop the other as well.
+# If one of them exits on its own, stop the others as well.
 wait -n "${pids[@]}"
 stop_all

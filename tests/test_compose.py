@@ -11,10 +11,13 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+# Module -> the variable holding its gRPC port (the processor's serves health only) and its default.
 SERVICES = {
     "user_service": ("USER_SERVICE_PORT", 50051),
     "order_service": ("ORDER_SERVICE_PORT", 50052),
+    "processor": ("PROCESSOR_HEALTH_PORT", 50053),
 }
+DATABASE_USERS = ("migrate", "user_service", "order_service")
 
 
 class RecordingEnv(Mapping[str, str]):
@@ -70,7 +73,8 @@ def test_service_runs_its_module_on_its_port(compose: dict[str, Any], module: st
         "servicekit.healthcheck",
         f"127.0.0.1:{default_port}",
     ]
-    assert service["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert service["depends_on"]["topics"]["condition"] == "service_completed_successfully"
+    assert environment["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
 
 
 def test_migrate_step_and_database_agree(compose: dict[str, Any]) -> None:
@@ -84,8 +88,25 @@ def test_migrate_step_and_database_agree(compose: dict[str, Any]) -> None:
 
     assert migrate["command"] == ["alembic", "upgrade", "head"]
     assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
-    for name in ("migrate", *SERVICES):
+    for name in DATABASE_USERS:
         assert compose["services"][name]["environment"]["DATABASE_URL"] == url
+    for name in ("user_service", "order_service"):
+        depends_on = compose["services"][name]["depends_on"]
+        assert depends_on["migrate"]["condition"] == "service_completed_successfully"
+
+
+def test_kafka_topics_step_and_processor_agree(compose: dict[str, Any]) -> None:
+    kafka = compose["services"]["kafka"]["environment"]
+    topics = compose["services"]["topics"]
+    processor = compose["services"]["processor"]["environment"]
+
+    assert kafka["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft, no ZooKeeper
+    assert kafka["KAFKA_ADVERTISED_LISTENERS"] == "PLAINTEXT://kafka:9092"
+    assert kafka["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"  # the topics step creates them
+    assert topics["command"] == ["python", "-m", "servicekit.topics"]
+    assert topics["environment"]["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
+    order_port = compose["services"]["order_service"]["environment"]["ORDER_SERVICE_PORT"]
+    assert processor["ORDER_SERVICE_ADDRESS"] == f"order_service:{order_port}"
 
 
 def test_image_contains_every_package_the_commands_import() -> None:

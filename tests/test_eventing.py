@@ -20,6 +20,7 @@ from ecommerce.v1 import orders_pb2, orders_pb2_grpc, users_pb2, users_pb2_grpc
 from google.type import money_pb2
 from sqlalchemy import Engine, bindparam, text
 
+from servicekit.healthcheck import is_serving
 from servicekit.kafka import Headers, cloudevent_headers
 from servicekit.money import money_to_decimal
 from servicekit.server import RunningService
@@ -31,18 +32,18 @@ ORDER_CREATED = "ecommerce.events.v1.OrderCreated"
 STATUS_CHANGED = "ecommerce.events.v1.OrderStatusChanged"
 
 
+def processor_env(order_server: RunningService) -> dict[str, str]:
+    return {
+        **TEST_ENV,
+        "ORDER_SERVICE_ADDRESS": f"127.0.0.1:{order_server.port}",
+        "PROCESSOR_GROUP_ID": f"test-{RUN_ID}-order-processor",
+        "CALLBACK_RETRY_SECONDS": "1",
+    }
+
+
 @pytest.fixture(scope="module")
 def processor(order_server: RunningService, relay: RelayHandle) -> Iterator[ServiceProcess]:
-    process = ServiceProcess(
-        "processor",
-        "PROCESSOR_HEALTH_PORT",
-        {
-            **TEST_ENV,
-            "ORDER_SERVICE_ADDRESS": f"127.0.0.1:{order_server.port}",
-            "PROCESSOR_GROUP_ID": f"test-{RUN_ID}-order-processor",
-            "CALLBACK_RETRY_SECONDS": "1",
-        },
-    )
+    process = ServiceProcess("processor", "PROCESSOR_HEALTH_PORT", processor_env(order_server))
     yield process
     process.stop()
 
@@ -382,3 +383,31 @@ def closed_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
     return port
+
+
+def test_a_second_processor_shares_the_work_and_leaves_cleanly_on_sigterm(
+    processor: ServiceProcess,
+    order_server: RunningService,
+    user: users_pb2.User,
+    orders: orders_pb2_grpc.OrderServiceStub,
+    engine: Engine,
+) -> None:
+    second = ServiceProcess("processor", "PROCESSOR_HEALTH_PORT", processor_env(order_server))
+    try:
+        assert is_serving(second.address, "ecommerce.processor")
+        # Orders keep coming while the group rebalances onto two members and back to one.
+        placed = [
+            orders.CreateOrder(
+                orders_pb2.CreateOrderRequest(user_id=user.id, amount=money("USD", n))
+            ).id
+            for n in range(1, 101)
+        ]
+        second.terminate()
+        assert second.wait(timeout=30) == 0
+        assert any(line.get("message") == "stopped" for line in second.log_lines)
+    finally:
+        second.stop()
+
+    wait_until_terminal(engine, placed, timeout=60)
+    assert transitions(engine, placed) == dict.fromkeys(placed, 1)
+    assert processor.process.poll() is None

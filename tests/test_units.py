@@ -11,7 +11,10 @@ from ecommerce.v1 import orders_pb2
 from google.type import money_pb2
 
 from order_service.status import order_status_transition
+from processor.rules import CurrencyAndLimitRule
+from processor.settings import ProcessorSettings
 from servicekit.errors import FailedPrecondition, InvalidArgument
+from servicekit.kafka import cloudevent_headers
 from servicekit.money import decimal_to_money, money_to_decimal
 from servicekit.pagination import Cursor, decode_page_token, encode_page_token, page_size
 from servicekit.settings import ServiceSettings, SettingsError
@@ -75,3 +78,49 @@ def test_settings_reject_unusable_values() -> None:
     for env in ({"SVC_PORT": "http"}, {"GRPC_MAX_WORKERS": "0"}, {"LOG_LEVEL": "LOUD"}):
         with pytest.raises(SettingsError):
             ServiceSettings.from_env("svc", "SVC_PORT", 50051, env=env)
+
+
+def test_default_rule_names_the_rule_that_failed_an_order() -> None:
+    rule = CurrencyAndLimitRule(frozenset({"USD", "EUR"}), Decimal("10000"))
+
+    def decide(currency: str, units: int, nanos: int = 0) -> tuple[int, str]:
+        amount = money_pb2.Money(currency_code=currency, units=units, nanos=nanos)
+        outcome = rule.decide(orders_pb2.Order(amount=amount))
+        return outcome.status, outcome.reason
+
+    assert decide("USD", 10_000) == (orders_pb2.ORDER_STATUS_PROCESSED, "accepted")
+    status, reason = decide("USD", 10_000, 1)
+    assert status == orders_pb2.ORDER_STATUS_FAILED
+    assert reason.startswith("MAX_ORDER_AMOUNT")
+    status, reason = decide("JPY", 1)
+    assert status == orders_pb2.ORDER_STATUS_FAILED
+    assert reason.startswith("ACCEPTED_CURRENCIES")
+
+
+def test_processor_settings_reject_bad_rules() -> None:
+    settings = ProcessorSettings.from_env(
+        {"ACCEPTED_CURRENCIES": "USD, CHF", "MAX_ORDER_AMOUNT": "5.5"}
+    )
+    assert settings.accepted_currencies == {"USD", "CHF"}
+    assert settings.max_order_amount == Decimal("5.5")
+    for env in (
+        {"ACCEPTED_CURRENCIES": "usd"},
+        {"MAX_ORDER_AMOUNT": "-1"},
+        {"MAX_ORDER_AMOUNT": "NaN"},
+    ):
+        with pytest.raises(SettingsError):
+            ProcessorSettings.from_env(env)
+
+
+def test_cloudevent_headers_are_utc_rfc3339() -> None:
+    headers = dict(
+        cloudevent_headers("id-1", "/src", "a.b.C", datetime(2026, 5, 1, 12, 0, tzinfo=UTC))
+    )
+    assert headers == {
+        "ce_specversion": b"1.0",
+        "ce_id": b"id-1",
+        "ce_source": b"/src",
+        "ce_type": b"a.b.C",
+        "ce_time": b"2026-05-01T12:00:00Z",
+        "content-type": b"application/protobuf",
+    }
