@@ -411,3 +411,23 @@ def test_a_second_processor_shares_the_work_and_leaves_cleanly_on_sigterm(
     wait_until_terminal(engine, placed, timeout=60)
     assert transitions(engine, placed) == dict.fromkeys(placed, 1)
     assert processor.process.poll() is None
+
+
+def test_published_events_are_cleaned_up_after_the_retention(
+    processor: ServiceProcess, relay: RelayHandle, engine: Engine
+) -> None:
+    assert wait_until(lambda: unpublished(engine) == 0, timeout=20)
+    relay.stop()
+    impatient = new_relay(OUTBOX_RETENTION_SECONDS="0.001")
+    impatient.start()
+    try:
+
+        def published_rows() -> int:
+            with engine.connect() as connection:
+                query = text("SELECT count(*) FROM outbox_events WHERE publish_time IS NOT NULL")
+                return int(connection.scalar(query) or 0)
+
+        assert wait_until(lambda: published_rows() == 0, timeout=20)
+    finally:
+        impatient.stop()
+        relay.start()
