@@ -20,7 +20,7 @@ from ecommerce.v1 import orders_pb2, orders_pb2_grpc
 from google.protobuf.message import DecodeError
 
 from processor.rules import OrderRule
-from servicekit.kafka import header, headers_without, position, producer_config
+from servicekit.kafka import copy_and_wait, header, headers_without, position, producer_config
 from servicekit.retry import TRANSIENT_CODES, call_with_retry
 from servicekit.settings import KafkaSettings
 
@@ -81,16 +81,7 @@ class DeadLetterQueue:
             ("dlq_consumer_group", self._group_id.encode()),
             ("dlq_time", datetime.now(UTC).isoformat().encode()),
         ]
-        failures: list[KafkaError] = []
-        self._producer.produce(
-            self._topic,
-            key=message.key(),
-            value=message.value(),
-            headers=headers,
-            on_delivery=lambda error, _msg: failures.append(error) if error else None,
-        )
-        if self._producer.flush(30) or failures:
-            raise KafkaException(failures[0] if failures else KafkaError(KafkaError._TIMED_OUT))
+        copy_and_wait(self._producer, message, self._topic, headers)
         log.warning(
             "message dead-lettered",
             extra={

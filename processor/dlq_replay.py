@@ -13,12 +13,12 @@ import logging
 import sys
 import time
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
 from processor.consumer import DLQ_HEADER_PREFIX, consumer_config
 from processor.settings import ProcessorSettings
 from servicekit.jsonlog import configure_logging
-from servicekit.kafka import header, headers_without, position, producer_config
+from servicekit.kafka import copy_and_wait, header, headers_without, position, producer_config
 from servicekit.settings import SettingsError
 
 log = logging.getLogger("processor.dlq_replay")
@@ -84,16 +84,7 @@ def _assign_up_to_current_end(consumer: Consumer, topic: str) -> dict[int, int]:
 def _republish(producer: Producer, message: Message, default_topic: str) -> None:
     topic = header(message.headers(), "dlq_original_topic") or default_topic
     headers = headers_without(message.headers(), DLQ_HEADER_PREFIX)
-    failures: list[KafkaError] = []
-    producer.produce(
-        topic,
-        key=message.key(),
-        value=message.value(),
-        headers=headers,
-        on_delivery=lambda error, _msg: failures.append(error) if error else None,
-    )
-    if producer.flush(30) or failures:
-        raise KafkaException(failures[0] if failures else KafkaError(KafkaError._TIMED_OUT))
+    copy_and_wait(producer, message, topic, headers)
 
 
 def main() -> None:

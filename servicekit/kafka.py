@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Message
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
@@ -89,6 +89,21 @@ def position(message: Message) -> Position:
     if topic is None or partition is None or offset is None:
         raise ValueError("message has no position")
     return Position(topic, partition, offset)
+
+
+def copy_and_wait(producer: Producer, message: Message, topic: str, headers: Headers) -> None:
+    """Produces `message`'s key and value to `topic` and waits for the broker's acknowledgement;
+    raises KafkaException if it does not come."""
+    failures: list[KafkaError] = []
+    producer.produce(
+        topic,
+        key=message.key(),
+        value=message.value(),
+        headers=headers,
+        on_delivery=lambda error, _msg: failures.append(error) if error else None,
+    )
+    if producer.flush(30) or failures:
+        raise KafkaException(failures[0] if failures else KafkaError(KafkaError._TIMED_OUT))
 
 
 def ensure_topics(settings: KafkaSettings, timeout_seconds: float = 60.0) -> None:

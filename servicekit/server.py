@@ -46,6 +46,16 @@ class ServiceResources:
         return f"/ecommerce/{self.settings.service_name}"
 
 
+def set_serving(health_servicer: health.HealthServicer, names: list[str], serving: bool) -> None:
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in names:
+        health_servicer.set(name, status)
+
+
 class DatabaseHealthMonitor:
     """Reports NOT_SERVING for the service while its database does not answer."""
 
@@ -76,13 +86,7 @@ class DatabaseHealthMonitor:
         if serving == self._serving or self._stopped.is_set():
             return
         self._serving = serving
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for name in self._names:
-            self._health.set(name, status)
+        set_serving(self._health, self._names, serving)
         log.log(
             logging.INFO if serving else logging.WARNING,
             "health changed",
@@ -184,13 +188,7 @@ class HealthServer:
         self._server.start()
 
     def set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for name in self._names:
-            self._health.set(name, status)
+        set_serving(self._health, self._names, serving)
 
     def stop(self) -> None:
         self._health.enter_graceful_shutdown()
