@@ -431,3 +431,32 @@ def test_published_events_are_cleaned_up_after_the_retention(
     finally:
         impatient.stop()
         relay.start()
+
+
+def test_two_relays_at_once_publish_each_event_once(
+    processor: ServiceProcess,
+    relay: RelayHandle,
+    user: users_pb2.User,
+    orders: orders_pb2_grpc.OrderServiceStub,
+    engine: Engine,
+) -> None:
+    replica = new_relay()  # as if a second order_service replica were running
+    replica.start()
+    try:
+        placed = [
+            orders.CreateOrder(
+                orders_pb2.CreateOrderRequest(user_id=user.id, amount=money("GBP", n))
+            ).id
+            for n in range(1, 51)
+        ]
+        wait_until_terminal(engine, placed, timeout=60)
+    finally:
+        replica.stop()
+
+    created_ids = [
+        record.header("ce_id")
+        for record in read_topic(KAFKA.orders_topic)
+        if record.key == user.id.encode() and record.header("ce_type") == ORDER_CREATED
+    ]
+    assert len(created_ids) == len(placed)
+    assert len(set(created_ids)) == len(placed)
