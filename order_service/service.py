@@ -23,7 +23,7 @@ from order_service.status import (
 )
 from servicekit.db import transaction, violated_constraint
 from servicekit.errors import InvalidArgument, NotFound
-from servicekit.fields import parse_id, parse_request_id, to_timestamp
+from servicekit.fields import check_printable, parse_id, parse_request_id, to_timestamp
 from servicekit.idempotency import create_once
 from servicekit.models import OrderRecord, OrderStatusChangeRecord
 from servicekit.money import decimal_to_money, money_to_decimal
@@ -167,7 +167,7 @@ class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
     ) -> orders_pb2.Order:
         order_id = parse_id(request.id)
         requested = parse_requested_status(request.status)
-        reason = request.reason.strip()
+        reason = check_printable(request.reason.strip(), "reason", allow_line_breaks=True)
         if len(reason) > MAX_REASON_LENGTH:
             raise InvalidArgument("reason", f"must be at most {MAX_REASON_LENGTH} characters")
         with transaction(self._sessions) as session:

@@ -10,6 +10,17 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 ERROR_DOMAIN = "ecommerce.example.com"
+# Status message and details travel in HTTP/2 trailers, which clients cap at 8 KiB by default:
+# anything echoed from the request is cut to an excerpt.
+_MAX_MESSAGE_CHARS = 400
+_MAX_EXCERPT_CHARS = 40
+
+
+def excerpt(value: str) -> str:
+    """A short, printable quotation of client input for an error message."""
+    if len(value) <= _MAX_EXCERPT_CHARS:
+        return repr(value)
+    return f"{value[:_MAX_EXCERPT_CHARS]!r}… ({len(value)} characters)"
 
 
 @dataclass(frozen=True)
@@ -25,6 +36,7 @@ class ServiceError(Exception):
     default_reason = "INTERNAL"
 
     def __init__(self, message: str, reason: str | None = None) -> None:
+        message = message[:_MAX_MESSAGE_CHARS]
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
@@ -48,6 +60,7 @@ class InvalidArgument(ServiceError):
     default_reason = "INVALID_ARGUMENT"
 
     def __init__(self, field: str, description: str, reason: str | None = None) -> None:
+        description = description[:_MAX_MESSAGE_CHARS]
         super().__init__(f"{field}: {description}", reason)
         self.violations = [FieldViolation(field, description)]
 

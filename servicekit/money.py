@@ -7,7 +7,7 @@ from decimal import Decimal
 
 from google.type import money_pb2
 
-from servicekit.errors import InvalidArgument
+from servicekit.errors import InvalidArgument, excerpt
 
 NANOS_PER_UNIT = 1_000_000_000
 _MAX_NANOS = NANOS_PER_UNIT - 1
@@ -19,7 +19,7 @@ def money_to_decimal(money: money_pb2.Money, field: str = "amount") -> Decimal:
     if not _CURRENCY_CODE.fullmatch(money.currency_code):
         raise InvalidArgument(
             f"{field}.currency_code",
-            f"must be an ISO 4217 code of three upper-case letters, got {money.currency_code!r}",
+            f"must be three upper-case letters (ISO 4217), got {excerpt(money.currency_code)}",
         )
     if not -_MAX_NANOS <= money.nanos <= _MAX_NANOS:
         raise InvalidArgument(f"{field}.nanos", f"must be within ±{_MAX_NANOS}, got {money.nanos}")

@@ -306,3 +306,17 @@ def test_update_of_unknown_order_is_not_found(orders: orders_pb2_grpc.OrderServi
         orders_pb2.UpdateOrderStatusRequest(id=str(uuid.uuid4()), status=PROCESSED),
     )
     assert failure.code is grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("reason", ["nul \x00 inside", "\x00"])
+def test_reason_with_nul_is_invalid_argument_not_a_database_error(
+    orders: orders_pb2_grpc.OrderServiceStub, user: users_pb2.User, reason: str
+) -> None:
+    order = place(orders, user.id, usd(7))
+    failure = call_fails(
+        orders.UpdateOrderStatus,
+        orders_pb2.UpdateOrderStatusRequest(id=order.id, status=PROCESSED, reason=reason),
+    )
+    assert failure.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert list(failure.field_violations) == ["reason"]
+    assert orders.GetOrder(orders_pb2.GetOrderRequest(id=order.id)).status == CREATED

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from servicekit.errors import InvalidArgument
+from servicekit.fields import check_printable
 
 MAX_EMAIL_LENGTH = 254
 MAX_LOCAL_PART_LENGTH = 64
@@ -42,6 +43,4 @@ def normalise_name(raw: str) -> str:
         raise InvalidArgument("name", "is required")
     if len(name) > MAX_NAME_LENGTH:
         raise InvalidArgument("name", f"must be at most {MAX_NAME_LENGTH} characters")
-    if any(ord(char) < 32 or ord(char) == 127 for char in name):
-        raise InvalidArgument("name", "must not contain control characters")
-    return name
+    return check_printable(name, "name")

@@ -1,0 +1,220 @@
+"""Property-based tests: random and hostile field values on every RPC always get a proper status
+(never UNKNOWN or INTERNAL), a message naming the field, and change nothing when rejected.
+
+HYPOTHESIS_PROFILE=full runs 300 cases per RPC (2,100 in all); the default CI profile, 60.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+from ecommerce.v1 import orders_pb2, orders_pb2_grpc, users_pb2, users_pb2_grpc
+from google.type import money_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import Engine, text
+
+from servicekit.server import RunningService
+from tests.rpc_errors import RpcFailure, call_fails
+
+settings.register_profile(
+    "ci",
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "full",
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# Statuses a well-formed server may answer bad input with; UNKNOWN and INTERNAL mean a bug.
+EXPECTED_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.FAILED_PRECONDITION,
+}
+INT32 = st.integers(-(2**31), 2**31 - 1)
+INT64 = st.integers(-(2**63), 2**63 - 1)
+
+# Any valid UTF-8 (protobuf strings cannot carry lone surrogates), NUL and controls included.
+any_text = st.text(st.characters(exclude_categories=["Cs"]), max_size=300)
+huge_text = st.text(st.characters(exclude_categories=["Cs"]), min_size=1000, max_size=20_000)
+edge_text = st.sampled_from(
+    [
+        "",
+        " ",
+        "\x00",
+        "a\x00b",
+        "\u202e",
+        "\ufeff",
+        "\U0001f4a9" * 50,
+        "é",
+        "e\u0301",
+        "\u0000" * 10,
+    ]
+)
+with_nul = st.tuples(any_text, any_text).map("\x00".join)
+texts = st.one_of(any_text, huge_text, edge_text, with_nul)
+uuids = st.uuids().map(str)
+ids = st.one_of(uuids, texts, uuids.map(str.upper), uuids.map(lambda u: u[:-1]))
+emails = st.one_of(
+    texts,
+    st.emails().map(str),
+    st.tuples(any_text, any_text).map(lambda parts: f"{parts[0]}@{parts[1]}.com"),
+)
+request_ids = st.one_of(st.just(""), uuids, texts)
+page_tokens = st.one_of(
+    st.just(""), texts, st.binary(max_size=200).map(lambda b: base64.urlsafe_b64encode(b).decode())
+)
+currency_codes = st.one_of(st.sampled_from(["USD", "EUR", "JPY", "usd", "", "US", "EURO"]), texts)
+amounts = st.one_of(
+    st.none(),
+    st.builds(money_pb2.Money, currency_code=currency_codes, units=INT64, nanos=INT32),
+)
+
+Counts = dict[str, int]
+TABLES = ("users", "orders", "order_status_changes", "outbox_events")
+
+
+def row_counts(engine: Engine) -> Counts:
+    with engine.connect() as connection:
+        return {t: int(connection.scalar(text(f"SELECT count(*) FROM {t}")) or 0) for t in TABLES}
+
+
+def assert_proper_failure_or_success(
+    call: Callable[..., Any], request: Any, engine: Engine
+) -> RpcFailure | None:
+    before = row_counts(engine)
+    try:
+        call(request, timeout=10)
+        return None
+    except grpc.RpcError:
+        pass
+    failure = call_fails(call, request)
+    assert failure.code in EXPECTED_CODES, (failure, request)
+    assert failure.message, failure
+    if failure.code is grpc.StatusCode.INVALID_ARGUMENT:
+        assert failure.field_violations, failure
+        assert all(field in failure.message for field in failure.field_violations), failure
+    assert row_counts(engine) == before, "a rejected request wrote something"
+    return failure
+
+
+@pytest.fixture(scope="module")
+def existing_order(
+    users: users_pb2_grpc.UserServiceStub, orders: orders_pb2_grpc.OrderServiceStub
+) -> orders_pb2.Order:
+    user = users.CreateUser(
+        users_pb2.CreateUserRequest(email=f"fuzz.{uuid.uuid4().hex[:10]}@example.com", name="Fuzz")
+    )
+    order: orders_pb2.Order = orders.CreateOrder(
+        orders_pb2.CreateOrderRequest(
+            user_id=user.id, amount=money_pb2.Money(currency_code="USD", units=1)
+        )
+    )
+    return order
+
+
+@given(email=emails, name=texts, request_id=request_ids)
+def test_create_user(
+    users: users_pb2_grpc.UserServiceStub, engine: Engine, email: str, name: str, request_id: str
+) -> None:
+    request = users_pb2.CreateUserRequest(email=email, name=name, request_id=request_id)
+    assert_proper_failure_or_success(users.CreateUser, request, engine)
+
+
+@given(user_id=ids)
+def test_get_user(users: users_pb2_grpc.UserServiceStub, engine: Engine, user_id: str) -> None:
+    assert_proper_failure_or_success(users.GetUser, users_pb2.GetUserRequest(id=user_id), engine)
+
+
+@given(page_size=INT32, page_token=page_tokens)
+def test_list_users(
+    users: users_pb2_grpc.UserServiceStub, engine: Engine, page_size: int, page_token: str
+) -> None:
+    request = users_pb2.ListUsersRequest(page_size=page_size, page_token=page_token)
+    assert_proper_failure_or_success(users.ListUsers, request, engine)
+
+
+@given(user_id=st.one_of(ids, st.just("existing")), amount=amounts, request_id=request_ids)
+def test_create_order(
+    orders: orders_pb2_grpc.OrderServiceStub,
+    existing_order: orders_pb2.Order,
+    engine: Engine,
+    user_id: str,
+    amount: money_pb2.Money | None,
+    request_id: str,
+) -> None:
+    user_id = existing_order.user_id if user_id == "existing" else user_id
+    request = orders_pb2.CreateOrderRequest(user_id=user_id, amount=amount, request_id=request_id)
+    assert_proper_failure_or_success(orders.CreateOrder, request, engine)
+
+
+@given(order_id=ids)
+def test_get_order(orders: orders_pb2_grpc.OrderServiceStub, engine: Engine, order_id: str) -> None:
+    request = orders_pb2.GetOrderRequest(id=order_id)
+    assert_proper_failure_or_success(orders.GetOrder, request, engine)
+
+
+@given(user_id=st.one_of(st.just(""), ids), page_size=INT32, page_token=page_tokens)
+def test_list_orders(
+    orders: orders_pb2_grpc.OrderServiceStub,
+    engine: Engine,
+    user_id: str,
+    page_size: int,
+    page_token: str,
+) -> None:
+    request = orders_pb2.ListOrdersRequest(
+        user_id=user_id, page_size=page_size, page_token=page_token
+    )
+    assert_proper_failure_or_success(orders.ListOrders, request, engine)
+
+
+statuses = st.one_of(st.sampled_from([1, 2, 3]), INT32)
+
+
+@given(status=statuses, reason=texts, unknown_order=st.booleans(), order_id=ids)
+def test_update_order_status(
+    orders: orders_pb2_grpc.OrderServiceStub,
+    existing_order: orders_pb2.Order,
+    engine: Engine,
+    status: int,
+    reason: str,
+    unknown_order: bool,
+    order_id: str,
+) -> None:
+    # A fresh order each time, so that allowed transitions are tried, not only terminal ones.
+    target = orders.CreateOrder(
+        orders_pb2.CreateOrderRequest(user_id=existing_order.user_id, amount=existing_order.amount)
+    )
+    request = orders_pb2.UpdateOrderStatusRequest(
+        id=order_id if unknown_order else target.id,
+        status=status,  # type: ignore[arg-type]  # unknown enum numbers on purpose
+        reason=reason,
+    )
+    failure = assert_proper_failure_or_success(orders.UpdateOrderStatus, request, engine)
+    if failure is not None:
+        assert orders.GetOrder(orders_pb2.GetOrderRequest(id=target.id)) == target
+
+
+def test_servers_are_still_healthy(
+    user_server: RunningService, order_server: RunningService
+) -> None:
+    for server in (user_server, order_server):
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
