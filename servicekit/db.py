@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
-from sqlalchemy import Engine, MetaData, create_engine, text
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy import Connection, Engine, MetaData, create_engine, event, text
+from sqlalchemy.exc import DisconnectionError, IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Session, SessionTransaction, sessionmaker
 
+from servicekit.call_scope import CallScope, abandoned_connections
 from servicekit.settings import ServiceSettings
 
 
@@ -28,20 +30,55 @@ class Base(DeclarativeBase):
 
 
 def create_db_engine(settings: ServiceSettings) -> Engine:
-    return create_engine(
+    timeout_ms = int(settings.db_statement_timeout_seconds * 1000)
+    engine = create_engine(
         settings.database_url,
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_pool_size,
         pool_pre_ping=True,  # a restarted database must not surface as errors on stale connections
-        connect_args={"connect_timeout": 3, "application_name": settings.service_name},
+        connect_args={
+            "connect_timeout": 3,
+            "application_name": settings.service_name,
+            # No statement runs unbounded, even for a call without a deadline.
+            "options": f"-c statement_timeout={timeout_ms}",
+        },
     )
+    event.listen(engine, "checkout", _refuse_abandoned)
+    return engine
+
+
+def _refuse_abandoned(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    if dbapi_connection in abandoned_connections:
+        abandoned_connections.discard(dbapi_connection)
+        raise DisconnectionError("its statement was cancelled with its call")  # pool replaces it
 
 
 SessionFactory = sessionmaker[Session]
 
 
-def session_factory(engine: Engine) -> SessionFactory:
-    return sessionmaker(engine, expire_on_commit=False)
+def session_factory(engine: Engine, statement_timeout_seconds: float) -> SessionFactory:
+    """Sessions whose transactions belong to the current RPC, if there is one (see call_scope)."""
+    factory = sessionmaker(engine, expire_on_commit=False)
+    default_timeout_ms = int(statement_timeout_seconds * 1000)
+
+    def bind_to_call(session: Session, _transaction: Any, connection: Connection) -> None:
+        scope = CallScope.current()
+        if scope is None:
+            return
+        remaining_ms = scope.remaining_ms()
+        if remaining_ms is not None and remaining_ms < default_timeout_ms:
+            connection.exec_driver_sql(f"SET LOCAL statement_timeout = {remaining_ms}")
+        scope.attach(session, connection.connection.dbapi_connection)
+
+    event.listen(factory, "after_begin", bind_to_call)
+    event.listen(factory, "after_transaction_end", _unbind_from_call)
+    return factory
+
+
+def _unbind_from_call(session: Session, transaction: SessionTransaction) -> None:
+    scope = CallScope.current()
+    if scope is not None and transaction.parent is None:
+        scope.detach(session)
 
 
 @contextmanager

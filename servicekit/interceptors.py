@@ -11,6 +11,7 @@ import grpc
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from servicekit.call_scope import CallScope, Cancelled, DeadlineExceeded
 from servicekit.errors import ServiceError, Unavailable
 
 log = logging.getLogger("servicekit.rpc")
@@ -18,6 +19,7 @@ log = logging.getLogger("servicekit.rpc")
 # Request fields worth a place in the access log: ids only, never personal data.
 _LOGGED_ID_FIELDS = ("id", "user_id", "request_id")
 
+QUERY_CANCELED = "57014"  # PostgreSQL: statement_timeout, or a cancel request
 # The database is down, restarting or out of connections: the caller should retry.
 _DATABASE_UNREACHABLE = (OperationalError, InterfaceError, PoolTimeoutError)
 
@@ -39,20 +41,17 @@ class RpcBoundary(grpc.ServerInterceptor):  # type: ignore[type-arg]
         def observed(request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
             code = grpc.StatusCode.OK
+            scope = CallScope(context)
             try:
-                return behavior(request, context)
+                with scope.entered():
+                    return behavior(request, context)
             except ServiceError as error:
                 code = error.code
                 context.abort_with_status(error.to_status())
-            except _DATABASE_UNREACHABLE:
-                log.warning(
-                    "database unreachable", exc_info=True, extra={"fields": {"method": method}}
-                )
-                unavailable = Unavailable(
-                    "the database is unreachable; retry with backoff", reason="DATABASE_UNAVAILABLE"
-                )
-                code = unavailable.code
-                context.abort_with_status(unavailable.to_status())
+            except _DATABASE_UNREACHABLE as error:
+                failure = _database_failure(error, scope, method)
+                code = failure.code
+                context.abort_with_status(failure.to_status())
             except Exception:
                 if (aborted_with := _code_set_by_handler(context)) is not None:
                     code = aborted_with
@@ -69,6 +68,17 @@ class RpcBoundary(grpc.ServerInterceptor):  # type: ignore[type-arg]
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+def _database_failure(error: Exception, scope: CallScope, method: str) -> ServiceError:
+    if getattr(getattr(error, "orig", None), "pgcode", None) == QUERY_CANCELED:
+        if scope.cancelled:
+            return Cancelled("the call was cancelled")
+        return DeadlineExceeded("a database statement ran past the call's deadline")
+    log.warning("database unreachable", exc_info=True, extra={"fields": {"method": method}})
+    return Unavailable(
+        "the database is unreachable; retry with backoff", reason="DATABASE_UNAVAILABLE"
+    )
 
 
 def _log_rpc(method: str, code: grpc.StatusCode, started: float, request: Any) -> None:

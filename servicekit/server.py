@@ -136,8 +136,12 @@ def start_service(definition: ServiceDefinition, settings: ServiceSettings) -> R
             max_workers=settings.max_workers, thread_name_prefix=settings.service_name
         ),
         interceptors=[RpcBoundary()],
+        options=[("grpc.max_receive_message_length", settings.max_message_bytes)],
     )
-    definition.register(server, ServiceResources(session_factory(engine), settings))
+    definition.register(
+        server,
+        ServiceResources(session_factory(engine, settings.db_statement_timeout_seconds), settings),
+    )
     health_servicer = _add_health_and_reflection(server, definition.full_name)
     try:
         port = _listen(server, settings.listen_host, settings.port)

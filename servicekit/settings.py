@@ -117,7 +117,9 @@ class ServiceSettings:
     port: int
     database_url: str
     max_workers: int
+    max_message_bytes: int
     db_pool_size: int
+    db_statement_timeout_seconds: float
     shutdown_grace_seconds: float
     health_check_interval_seconds: float
     log_level: str
@@ -139,7 +141,9 @@ class ServiceSettings:
             port=env_int(env, port_variable, default_port),
             database_url=env.get("DATABASE_URL", DEFAULT_DATABASE_URL),
             max_workers=env_int(env, "GRPC_MAX_WORKERS", 16, minimum=1),
+            max_message_bytes=env_int(env, "GRPC_MAX_MESSAGE_BYTES", 1024 * 1024, minimum=1024),
             db_pool_size=env_int(env, "DB_POOL_SIZE", 10, minimum=1),
+            db_statement_timeout_seconds=env_float(env, "DB_STATEMENT_TIMEOUT_SECONDS", 30.0),
             shutdown_grace_seconds=env_float(env, "SHUTDOWN_GRACE_SECONDS", 10.0),
             health_check_interval_seconds=env_float(env, "HEALTH_CHECK_INTERVAL_SECONDS", 2.0),
             log_level=parse_log_level(env),
