@@ -14,7 +14,7 @@ export TEST_DATABASE_URL ?= postgresql+psycopg2://ecommerce@127.0.0.1:55432/ecom
 export KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:59092
 
 .PHONY: help venv tools protos check-protos lint format infra-up infra-down migrate run test \
-        dlq-replay events bench-e2e
+        dlq-replay events chaos bench-e2e
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -45,7 +45,7 @@ check-protos: protos ## Fail when gen/ is not what `make protos` produces
 lint: venv tools ## ruff, mypy and buf lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy servicekit user_service order_service processor migrations tests bench
+	$(VENV)/bin/mypy servicekit user_service order_service processor migrations chaos tests bench
 	rm -rf .local/proto-deps && mkdir -p .local/proto-deps/google/type
 	cp $(GOOGLEAPIS)/google/type/money.proto .local/proto-deps/google/type/
 	$(BIN)/buf lint
@@ -78,6 +78,9 @@ events: ## Print keys and CloudEvents headers of TOPIC's events (Ctrl-C stops)
 	  -cp '.local/kafka/libs/*' org.apache.kafka.tools.consumer.ConsoleConsumer \
 	  --bootstrap-server $(KAFKA_BOOTSTRAP_SERVERS) --topic $(TOPIC) --from-beginning \
 	  --property print.key=true --property print.headers=true --property print.value=false
+
+chaos: venv infra-up ## The full fault suite (5,000 orders per fault); writes chaos/RESULTS.md
+	$(PY) -m chaos --profile full --results chaos/RESULTS.md
 
 bench-e2e: venv ## CreateOrder -> PROCESSED latency through the running stack (make run first)
 	$(PY) -m bench.e2e_latency

@@ -57,6 +57,10 @@ def consumer_config(kafka: KafkaSettings, group_id: str, **overrides: Any) -> di
         "enable.auto.offset.store": False,
         "auto.commit.interval.ms": 1000,
         "max.poll.interval.ms": 300_000,
+        # A member that died without leaving holds its partitions until this expires: keep the
+        # pause after a crash short (the broker's minimum is 6 s).
+        "session.timeout.ms": 10_000,
+        "heartbeat.interval.ms": 2_000,
         **overrides,
     }
 

@@ -10,15 +10,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from alembic import command
-from alembic.config import Config
 from confluent_kafka.admin import AdminClient
 from ecommerce.v1 import orders_pb2_grpc, users_pb2, users_pb2_grpc
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, create_engine
 
 from order_service.service import DEFINITION as ORDER_SERVICE
 from servicekit.kafka import ensure_topics
 from servicekit.outbox import OutboxRelay
+from servicekit.schema import recreate_disposable_database
 from servicekit.server import RunningService, ServiceDefinition, start_service
 from servicekit.settings import KafkaSettings, OutboxSettings, ServiceSettings
 from user_service.service import DEFINITION as USER_SERVICE
@@ -61,22 +60,6 @@ def new_relay(**env: str) -> OutboxRelay:
     )
 
 
-def migrate(database_url: str) -> None:
-    config = Config(str(REPO / "alembic.ini"))
-    config.attributes["database_url"] = database_url
-    config.attributes["configure_logging"] = False
-    command.upgrade(config, "head")
-
-
-def recreate_schema(database_url: str) -> None:
-    """An empty test database each run: the migrations are applied from scratch every time."""
-    engine = create_engine(database_url)
-    with engine.begin() as connection:
-        connection.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
-        connection.execute(text("CREATE SCHEMA public"))
-    engine.dispose()
-
-
 @pytest.fixture(scope="session")
 def kafka_topics() -> Iterator[KafkaSettings]:
     """This run's topics on the real broker, deleted when the run ends."""
@@ -90,8 +73,7 @@ def kafka_topics() -> Iterator[KafkaSettings]:
 
 @pytest.fixture(scope="session")
 def database_url(kafka_topics: KafkaSettings) -> str:
-    recreate_schema(TEST_DATABASE_URL)
-    migrate(TEST_DATABASE_URL)
+    recreate_disposable_database(TEST_DATABASE_URL)
     return TEST_DATABASE_URL
 
 

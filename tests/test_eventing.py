@@ -20,13 +20,13 @@ from ecommerce.v1 import orders_pb2, orders_pb2_grpc, users_pb2, users_pb2_grpc
 from google.type import money_pb2
 from sqlalchemy import Engine, bindparam, text
 
+from chaos.processes import ServiceProcess, wait_until
+from chaos.topics import Record, read_topic
 from servicekit.healthcheck import is_serving
 from servicekit.kafka import Headers, cloudevent_headers
 from servicekit.money import money_to_decimal
 from servicekit.server import RunningService
 from tests.conftest import KAFKA, RUN_ID, TEST_ENV, RelayHandle, new_relay, unique_email
-from tests.kafka_topics import Record, read_topic
-from tests.processes import ServiceProcess, wait_until
 
 ORDER_CREATED = "ecommerce.events.v1.OrderCreated"
 STATUS_CHANGED = "ecommerce.events.v1.OrderStatusChanged"
@@ -75,6 +75,10 @@ def transitions(engine: Engine, order_ids: list[str]) -> Counter[str]:
     ).bindparams(bindparam("ids", expanding=True))
     with engine.connect() as connection:
         return Counter(row[0] for row in connection.execute(query, {"ids": order_ids}))
+
+
+def orders_topic() -> list[Record]:
+    return read_topic(KAFKA.bootstrap_servers, KAFKA.orders_topic)
 
 
 def status_changed_events(records: list[Record]) -> dict[str, set[str]]:
@@ -130,13 +134,10 @@ def test_500_orders_reach_the_right_terminal_status_once(
     assert transitions(engine, order_ids) == dict.fromkeys(order_ids, 1)
     # Duplicates on the wire are allowed; a second distinct status event would be a second effect.
     assert wait_until(
-        lambda: (
-            len(status_changed_events(read_topic(KAFKA.orders_topic)).keys() & set(order_ids))
-            == 500
-        ),
+        lambda: len(status_changed_events(orders_topic()).keys() & set(order_ids)) == 500,
         timeout=30,
     )
-    announced = status_changed_events(read_topic(KAFKA.orders_topic))
+    announced = status_changed_events(orders_topic())
     assert all(len(announced[order_id]) == 1 for order_id in order_ids)
 
 
@@ -155,7 +156,7 @@ def test_events_decode_with_generated_classes_and_carry_cloudevents_headers(
     def published(topic: str, event_type: str) -> list[Record]:
         return [
             record
-            for record in read_topic(topic)
+            for record in read_topic(KAFKA.bootstrap_servers, topic)
             if record.key == user.id.encode() and record.header("ce_type") == event_type
         ]
 
@@ -212,7 +213,7 @@ def test_a_redelivered_order_created_applies_once(
     first = orders.GetOrder(orders_pb2.GetOrderRequest(id=order.id))
     (original,) = [
         record
-        for record in read_topic(KAFKA.orders_topic)
+        for record in orders_topic()
         if record.key == user.id.encode() and record.header("ce_type") == ORDER_CREATED
     ]
 
@@ -270,7 +271,7 @@ def test_poison_goes_to_the_dlq_and_the_partition_moves_on_then_replays(
     def dead_letters() -> dict[str, Record]:
         return {
             record.header("x-test-case") or "": record
-            for record in read_topic(KAFKA.orders_dlq_topic)
+            for record in read_topic(KAFKA.bootstrap_servers, KAFKA.orders_dlq_topic)
             if record.key == user.id.encode()
         }
 
@@ -455,7 +456,7 @@ def test_two_relays_at_once_publish_each_event_once(
 
     created_ids = [
         record.header("ce_id")
-        for record in read_topic(KAFKA.orders_topic)
+        for record in orders_topic()
         if record.key == user.id.encode() and record.header("ce_type") == ORDER_CREATED
     ]
     assert len(created_ids) == len(placed)

@@ -18,8 +18,8 @@ from google.type import money_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import Engine, text
 
+from chaos.processes import REPO, ServiceProcess, wait_until
 from tests.conftest import TEST_ENV, unique_email
-from tests.processes import REPO, ServiceProcess, wait_until
 
 
 def grpcurl_binary() -> str:

@@ -15,9 +15,9 @@ from ecommerce.v1 import orders_pb2, orders_pb2_grpc, users_pb2, users_pb2_grpc
 from google.type import money_pb2
 from sqlalchemy import Connection, Engine, text
 
+from chaos.processes import wait_until
 from servicekit.healthcheck import is_serving
 from servicekit.server import RunningService
-from tests.processes import wait_until
 
 
 def test_request_over_the_size_limit_is_resource_exhausted(

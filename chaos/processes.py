@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import IO
 
@@ -18,15 +19,24 @@ REPO = Path(__file__).resolve().parent.parent
 class ServiceProcess:
     """A service in a child process; its JSON log lines are collected for assertions."""
 
-    def __init__(self, module: str, port_variable: str, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        module: str,
+        port_variable: str,
+        env: dict[str, str],
+        port: int = 0,
+        log_path: Path | None = None,
+    ) -> None:
+        self._log_file = log_path.open("a") if log_path else None
         self.module = module
-        self.log_lines: list[dict[str, object]] = []
+        # The latest lines only: a long run under load logs a line per RPC.
+        self.log_lines: deque[dict[str, object]] = deque(maxlen=10_000)
         self._serving = threading.Event()
         self.port = 0
         self.process = subprocess.Popen(
             [sys.executable, "-m", module],
             cwd=REPO,
-            env={**os.environ, **env, port_variable: "0", "SHUTDOWN_GRACE_SECONDS": "5"},
+            env={"SHUTDOWN_GRACE_SECONDS": "5", **os.environ, **env, port_variable: str(port)},
             stderr=subprocess.PIPE,
             text=True,
         )
@@ -38,6 +48,9 @@ class ServiceProcess:
 
     def _collect(self, stream: IO[str]) -> None:
         for raw in stream:
+            if self._log_file:
+                self._log_file.write(raw)
+                self._log_file.flush()
             try:
                 line = json.loads(raw)
             except ValueError:

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from servicekit.kafka import Headers, header, header_pairs, position
-from tests.conftest import KAFKA
 
 
 @dataclass(frozen=True)
@@ -23,10 +22,10 @@ class Record:
         return header(self.headers, name)
 
 
-def read_topic(topic: str, timeout: float = 30.0) -> list[Record]:
+def read_topic(bootstrap_servers: str, topic: str, timeout: float = 30.0) -> list[Record]:
     consumer = Consumer(
         {
-            "bootstrap.servers": KAFKA.bootstrap_servers,
+            "bootstrap.servers": bootstrap_servers,
             "group.id": f"test-reader-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,
             "enable.partition.eof": True,

@@ -1,0 +1,105 @@
+"""A steady, bounded CreateOrder load, retrying each request with its request_id like a careful
+client, and recording what was acknowledged and every failed attempt's status code."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+
+import grpc
+from ecommerce.v1 import orders_pb2, orders_pb2_grpc
+from google.type import money_pb2
+
+from servicekit.retry import TRANSIENT_CODES
+
+# Mixed outcomes under the default rule: two processed, two failed.
+AMOUNTS = (
+    money_pb2.Money(currency_code="USD", units=42, nanos=500_000_000),
+    money_pb2.Money(currency_code="EUR", units=9_999),
+    money_pb2.Money(currency_code="JPY", units=100),
+    money_pb2.Money(currency_code="GBP", units=25_000),
+)
+
+
+@dataclass
+class LoadResult:
+    acknowledged: list[str] = field(default_factory=list)  # order ids the server confirmed
+    failed_attempts: Counter[str] = field(default_factory=Counter)  # status code -> attempts
+    abandoned: int = 0  # requests given up on (never acknowledged, so nothing is owed)
+
+
+class OrderLoad:
+    def __init__(
+        self,
+        address: str,
+        user_ids: list[str],
+        total: int,
+        workers: int = 8,
+        time_limit: float = 600.0,
+    ) -> None:
+        self._address = address
+        self._user_ids = user_ids
+        self._total = total
+        self._workers = workers
+        self._deadline = time.monotonic() + time_limit
+        self._numbers = itertools.count()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self.result = LoadResult()
+
+    def start(self) -> None:
+        for _ in range(self._workers):
+            thread = threading.Thread(target=self._work, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def join(self) -> LoadResult:
+        for thread in self._threads:
+            thread.join()
+        return self.result
+
+    @property
+    def acknowledged_count(self) -> int:
+        with self._lock:
+            return len(self.result.acknowledged)
+
+    def _work(self) -> None:
+        with grpc.insecure_channel(self._address) as channel:
+            stub = orders_pb2_grpc.OrderServiceStub(channel)
+            while time.monotonic() < self._deadline:
+                number = next(self._numbers)
+                if number >= self._total:
+                    return
+                request = orders_pb2.CreateOrderRequest(
+                    user_id=self._user_ids[number % len(self._user_ids)],
+                    amount=AMOUNTS[number % len(AMOUNTS)],
+                    request_id=str(uuid.uuid4()),
+                )
+                self._place(stub, request)
+
+    def _place(
+        self, stub: orders_pb2_grpc.OrderServiceStub, request: orders_pb2.CreateOrderRequest
+    ) -> None:
+        delay = 0.05
+        for _attempt in range(40):
+            try:
+                order = stub.CreateOrder(request, timeout=5)
+            except grpc.RpcError as error:
+                code = error.code()
+                with self._lock:
+                    self.result.failed_attempts[code.name] += 1
+                if code not in TRANSIENT_CODES:
+                    break
+                time.sleep(random.uniform(0, delay))
+                delay = min(delay * 2, 1.0)
+                continue
+            with self._lock:
+                self.result.acknowledged.append(order.id)
+            return
+        with self._lock:
+            self.result.abandoned += 1

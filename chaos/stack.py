@@ -1,0 +1,105 @@
+"""The stack the fault suite drives: user_service, order_service and the processor as child
+processes on fixed loopback ports, with a database and topics of the run's own. PostgreSQL and
+Kafka are the ones `make infra-up` started; faults stop and start them through the same scripts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import uuid
+from dataclasses import dataclass
+
+from chaos.processes import REPO, ServiceProcess, wait_until
+from servicekit.healthcheck import is_serving
+from servicekit.kafka import ensure_topics
+from servicekit.schema import recreate_disposable_database
+from servicekit.settings import KafkaSettings
+
+CHAOS_DATABASE_URL = os.environ.get(
+    "CHAOS_DATABASE_URL", "postgresql+psycopg2://ecommerce@127.0.0.1:55432/ecommerce_chaos"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+@dataclass(frozen=True)
+class Part:
+    module: str
+    port_variable: str
+    port: int
+
+
+class Stack:
+    def __init__(self, extra_env: dict[str, str] | None = None) -> None:
+        run = uuid.uuid4().hex[:8]
+        self.parts = {
+            "user_service": Part("user_service", "USER_SERVICE_PORT", free_port()),
+            "order_service": Part("order_service", "ORDER_SERVICE_PORT", free_port()),
+            "processor": Part("processor", "PROCESSOR_HEALTH_PORT", free_port()),
+        }
+        self.env = {
+            "DATABASE_URL": CHAOS_DATABASE_URL,
+            "KAFKA_BOOTSTRAP_SERVERS": os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:59092"),
+            "KAFKA_ORDERS_TOPIC": f"chaos-{run}.ecommerce.orders.v1",
+            "KAFKA_USERS_TOPIC": f"chaos-{run}.ecommerce.users.v1",
+            "KAFKA_ORDERS_DLQ_TOPIC": f"chaos-{run}.ecommerce.orders.v1.dlq",
+            "PROCESSOR_GROUP_ID": f"chaos-{run}-order-processor",
+            "ORDER_SERVICE_ADDRESS": self.address("order_service"),
+            "OUTBOX_PUBLISH_TIMEOUT_SECONDS": "5",
+            "HEALTH_CHECK_INTERVAL_SECONDS": "0.5",
+            "SHUTDOWN_GRACE_SECONDS": "10",
+            **(extra_env or {}),
+        }
+        self.kafka = KafkaSettings.from_env(self.env)
+        self.processes: dict[str, ServiceProcess] = {}
+
+    def address(self, name: str) -> str:
+        return f"127.0.0.1:{self.parts[name].port}"
+
+    def prepare(self) -> None:
+        recreate_disposable_database(CHAOS_DATABASE_URL)
+        ensure_topics(self.kafka)
+
+    def start(self, name: str) -> None:
+        part = self.parts[name]
+        log_dir = REPO / ".local" / "chaos"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.processes[name] = ServiceProcess(
+            part.module,
+            part.port_variable,
+            self.env,
+            port=part.port,
+            log_path=log_dir / f"{name}.log",
+        )
+
+    def start_all(self) -> None:
+        for name in self.parts:
+            self.start(name)
+
+    def kill(self, name: str, signum: signal.Signals = signal.SIGKILL) -> int:
+        """Sends `signum` to the part (its own child process, by PID) and waits for it to exit."""
+        process = self.processes.pop(name)
+        process.process.send_signal(signum)
+        return process.wait(timeout=60)
+
+    def restart(self, name: str) -> None:
+        self.start(name)
+        assert wait_until(lambda: is_serving(self.address(name)), timeout=30), name
+
+    def stop_all(self) -> None:
+        for process in self.processes.values():
+            process.stop()
+        self.processes.clear()
+
+
+def infra(command: str) -> None:
+    """`scripts/postgres.sh up`, `scripts/kafka.sh down`, …: the same scripts as make infra-up."""
+    script, action = command.split()
+    subprocess.run(["bash", str(REPO / "scripts" / f"{script}.sh"), action], check=True)

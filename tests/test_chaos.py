@@ -1,0 +1,21 @@
+"""The short profile of the fault suite (`make chaos` runs the full one): a few hundred orders
+under load while the processor and order_service are killed with SIGKILL and restarted."""
+
+from __future__ import annotations
+
+from chaos.suite import PROFILES, run_suite
+
+
+def test_killed_parts_lose_nothing_and_apply_nothing_twice(database_url: str) -> None:
+    fault_names, orders_per_fault = PROFILES["short"]
+
+    outcomes = run_suite(fault_names, orders_per_fault, on_outcome=lambda _: None)
+
+    assert [o.fault for o in outcomes] == fault_names
+    for outcome in outcomes:
+        assert outcome.acknowledged == orders_per_fault, outcome
+        assert outcome.lost == 0, outcome
+        assert outcome.duplicate_effects == 0, outcome
+        assert outcome.abandoned == 0, outcome
+        # A killed server is UNAVAILABLE to its callers; never INTERNAL or UNKNOWN.
+        assert set(outcome.failed_attempts) <= {"UNAVAILABLE"}, outcome
