@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import signal
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 
 from chaos.suite import PROFILES, FaultOutcome, run_suite, table
 
@@ -18,7 +20,12 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {memory:.0f} GiB, {platform.system()} {platform.machine()}"
 
 
+def _exit_on_sigterm(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through run_suite, which stops the stack it started
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     parser = argparse.ArgumentParser(description="fault suite")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
     parser.add_argument("--orders", type=int, help="orders per fault (default: the profile's)")

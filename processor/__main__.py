@@ -52,6 +52,7 @@ def main() -> None:
         callback_timeout=settings.callback_timeout_seconds,
         callback_retry_seconds=settings.callback_retry_seconds,
         stop=stop,
+        concurrency=settings.concurrency,
     )
     health.set_serving(True)
     log.info(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -116,6 +118,8 @@ class OrderEventProcessor:
         callback_timeout: float,
         callback_retry_seconds: float,
         stop: threading.Event,
+        concurrency: int = 8,
+        batch_size: int = 200,
     ) -> None:
         self._consumer = consumer
         self._orders = orders
@@ -124,26 +128,75 @@ class OrderEventProcessor:
         self._callback_timeout = callback_timeout
         self._callback_retry_seconds = callback_retry_seconds
         self._stop = stop
+        self._batch_size = batch_size
+        self._workers = ThreadPoolExecutor(concurrency, thread_name_prefix="order-callback")
         self.handled = 0
 
     def run(self) -> None:
-        """Polls until `stop` is set; then commits what was applied."""
-        while not self._stop.is_set():
-            message = self._consumer.poll(0.5)
-            if message is None:
-                continue
-            error = message.error()
-            if error is not None:
-                self._log_consumer_error(error)
-                continue
-            try:
-                self._handle(message)
-            except RetryLater:
-                self._rewind(message)
-                continue
-            self._consumer.store_offsets(message=message)
-            self.handled += 1
+        """Consumes until `stop` is set; then commits what was applied."""
+        try:
+            while not self._stop.is_set():
+                batch = []
+                for message in self._consumer.consume(self._batch_size, timeout=0.5):
+                    error = message.error()
+                    if error is None:
+                        batch.append(message)
+                    else:
+                        self._log_consumer_error(error)
+                if batch:
+                    self._advance(batch, self._handle_batch(batch))
+        finally:
+            self._workers.shutdown(wait=True)
         self._commit()
+
+    def _handle_batch(self, batch: list[Message]) -> set[int]:
+        """Handles the batch, one key's messages in order and different keys concurrently;
+        returns the indexes (in `batch`) of the messages that were handled."""
+        by_key: dict[bytes | None, list[int]] = defaultdict(list)
+        for index, message in enumerate(batch):
+            by_key[message.key()].append(index)
+        handled: set[int] = set()
+        for done in self._workers.map(
+            lambda indexes: self._handle_in_order(batch, indexes), by_key.values()
+        ):
+            handled.update(done)
+        return handled
+
+    def _handle_in_order(self, batch: list[Message], indexes: list[int]) -> list[int]:
+        done = []
+        for index in indexes:
+            try:
+                self._handle(batch[index])
+            except RetryLater:
+                break  # this key waits: its later messages must not overtake this one
+            done.append(index)
+        return done
+
+    def _advance(self, batch: list[Message], handled: set[int]) -> None:
+        """Stores, per partition, the offset after the longest handled prefix; a partition with a
+        message left over is rewound to it (what came after is handled again: a no-op)."""
+        by_partition: dict[tuple[str, int], list[tuple[int, Message]]] = defaultdict(list)
+        for index, message in enumerate(batch):
+            where = position(message)
+            by_partition[(where.topic, where.partition)].append((index, message))
+        for (topic, partition), entries in by_partition.items():
+            entries.sort(key=lambda entry: position(entry[1]).offset)
+            next_offset = None
+            for index, message in entries:
+                if index not in handled:
+                    self._rewind(message)
+                    break
+                next_offset = position(message).offset + 1
+            if next_offset is not None:
+                self._store(TopicPartition(topic, partition, next_offset))
+        self.handled += len(handled)
+
+    def _store(self, partition: TopicPartition) -> None:
+        try:
+            self._consumer.store_offsets(offsets=[partition])
+        except KafkaException as error:
+            # Revoked meanwhile: its new owner handles those messages again (a no-op).
+            log.info("offset not stored: %s", error)
 
     def _handle(self, message: Message) -> None:
         outcome = self._apply(message)
