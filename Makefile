@@ -11,10 +11,17 @@ GOOGLEAPIS  = $(shell $(PY) -c 'import google.type, os; print(os.path.dirname(os
 
 export DATABASE_URL ?= postgresql+psycopg2://ecommerce@127.0.0.1:55432/ecommerce
 export TEST_DATABASE_URL ?= postgresql+psycopg2://ecommerce@127.0.0.1:55432/ecommerce_test
+# KAFKA_BROKERS=3: a three-node KRaft cluster, topics with replication factor 3, min.insync 2.
+CLUSTER_BOOTSTRAP := 127.0.0.1:59092,127.0.0.1:59102,127.0.0.1:59112
+export KAFKA_BROKERS ?= 1
+ifeq ($(KAFKA_BROKERS),3)
+export KAFKA_BOOTSTRAP_SERVERS ?= $(CLUSTER_BOOTSTRAP)
+export KAFKA_REPLICATION_FACTOR ?= 3
+endif
 export KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:59092
 
 .PHONY: help venv tools protos check-protos lint format infra-up infra-down migrate run test \
-        dlq-replay events chaos bench-e2e
+        dlq-replay events chaos chaos-cluster bench-e2e
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -81,6 +88,11 @@ events: ## Print keys and CloudEvents headers of TOPIC's events (Ctrl-C stops)
 
 chaos: venv infra-up ## The full fault suite (5,000 orders per fault); writes chaos/RESULTS.md
 	$(PY) -m chaos --profile full --results chaos/RESULTS.md
+
+chaos-cluster: venv ## kill -9 of one broker of a three-node cluster under load; chaos/RESULTS-cluster.md
+	$(MAKE) infra-up KAFKA_BROKERS=3
+	KAFKA_BOOTSTRAP_SERVERS=$(CLUSTER_BOOTSTRAP) KAFKA_REPLICATION_FACTOR=3 \
+	  $(PY) -m chaos --profile cluster --results chaos/RESULTS-cluster.md
 
 bench-e2e: venv ## CreateOrder -> PROCESSED latency through the running stack (make run first)
 	$(PY) -m bench.e2e_latency

@@ -82,6 +82,7 @@ class OrderLoad:
                 )
                 self._place(stub, request)
 
+    # CANCELLED counts as transient too: a stopping server cancels calls it has not started.
     def _place(
         self, stub: orders_pb2_grpc.OrderServiceStub, request: orders_pb2.CreateOrderRequest
     ) -> None:
@@ -93,7 +94,7 @@ class OrderLoad:
                 code = error.code()
                 with self._lock:
                     self.result.failed_attempts[code.name] += 1
-                if code not in TRANSIENT_CODES:
+                if code not in TRANSIENT_CODES and code is not grpc.StatusCode.CANCELLED:
                     break
                 time.sleep(random.uniform(0, delay))
                 delay = min(delay * 2, 1.0)

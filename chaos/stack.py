@@ -47,6 +47,7 @@ class Stack:
         self.env = {
             "DATABASE_URL": CHAOS_DATABASE_URL,
             "KAFKA_BOOTSTRAP_SERVERS": os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:59092"),
+            "KAFKA_REPLICATION_FACTOR": os.environ.get("KAFKA_REPLICATION_FACTOR", "1"),
             "KAFKA_ORDERS_TOPIC": f"chaos-{run}.ecommerce.orders.v1",
             "KAFKA_USERS_TOPIC": f"chaos-{run}.ecommerce.users.v1",
             "KAFKA_ORDERS_DLQ_TOPIC": f"chaos-{run}.ecommerce.orders.v1.dlq",
@@ -100,6 +101,7 @@ class Stack:
 
 
 def infra(command: str) -> None:
-    """`scripts/postgres.sh up`, `scripts/kafka.sh down`, …: the same scripts as make infra-up."""
-    script, action = command.split()
-    subprocess.run(["bash", str(REPO / "scripts" / f"{script}.sh"), action], check=True)
+    """`postgres up`, `kafka down`, `kafka stop-node 2 KILL`…: runs scripts/<first word>.sh with the
+    rest as arguments, the same scripts as make infra-up (which stop only what they started)."""
+    script, *arguments = command.split()
+    subprocess.run(["bash", str(REPO / "scripts" / f"{script}.sh"), *arguments], check=True)

@@ -59,6 +59,16 @@ def kafka_stopped(seconds: float) -> Fault:
     return inject
 
 
+def kafka_broker_killed(stack: Stack) -> str:
+    """kill -9 of one broker of a three-node cluster (make infra-up KAFKA_BROKERS=3), back after
+    10 s: with replication factor 3 and min.insync.replicas=2, writes go on meanwhile."""
+    node = random.randint(1, 3)
+    infra(f"kafka stop-node {node} KILL")
+    time.sleep(10)
+    infra(f"kafka start-node {node}")
+    return f"broker {node} of 3 killed, restarted after 10 s"
+
+
 def postgres_restarted(stack: Stack) -> str:
     seen_not_serving = threading.Event()
     stop_watching = threading.Event()
@@ -88,10 +98,13 @@ FAULTS: dict[str, Fault] = {
     "SIGTERM order_service": sigterm("order_service"),
     "SIGTERM user_service": sigterm("user_service"),
     "SIGTERM processor": sigterm("processor"),
+    "kill -9 one Kafka broker of 3": kafka_broker_killed,
 }
 PROFILES = {
-    "short": (["kill -9 processor", "kill -9 order_service"], 300),
-    "full": (list(FAULTS), 5000),
+    "short": (["kill -9 processor", "kill -9 order_service", "SIGTERM order_service"], 300),
+    "full": ([name for name in FAULTS if "of 3" not in name], 5000),
+    # Needs the three-broker cluster: make infra-up KAFKA_BROKERS=3.
+    "cluster": (["kill -9 one Kafka broker of 3"], 5000),
 }
 
 

@@ -31,8 +31,11 @@ log = logging.getLogger("processor")
 ORDER_CREATED = events_pb2.OrderCreated.DESCRIPTOR.full_name
 # Events on the orders topic that are not the processor's to act on.
 IGNORED_TYPES = frozenset({events_pb2.OrderStatusChanged.DESCRIPTOR.full_name})
+# A server that is shutting down cancels the calls it has not started yet: to the processor, which
+# never cancels its own calls, CANCELLED is as transient as UNAVAILABLE.
+TRANSIENT_FOR_CALLBACK = TRANSIENT_CODES | {grpc.StatusCode.CANCELLED}
 # The callback is retried on these; only the transient ones are never given up on.
-RETRYABLE_CODES = TRANSIENT_CODES | {grpc.StatusCode.NOT_FOUND}
+RETRYABLE_CODES = TRANSIENT_FOR_CALLBACK | {grpc.StatusCode.NOT_FOUND}
 DLQ_HEADER_PREFIX = "dlq_"
 
 
@@ -237,7 +240,7 @@ class OrderEventProcessor:
                 stop=self._stop,
             )
         except grpc.RpcError as error:
-            if error.code() in TRANSIENT_CODES:
+            if error.code() in TRANSIENT_FOR_CALLBACK:
                 raise RetryLater from error
             return DeadLetter(f"CALLBACK_{error.code().name}", error.details() or "")
         log.info(
