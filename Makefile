@@ -21,7 +21,7 @@ endif
 export KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:59092
 
 .PHONY: help venv tools protos check-protos lint format infra-up infra-down migrate run test \
-        dlq-replay events chaos chaos-cluster bench-e2e
+        dlq-replay events fuzz chaos chaos-cluster bench-e2e
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -85,6 +85,9 @@ events: ## Print keys and CloudEvents headers of TOPIC's events (Ctrl-C stops)
 	  -cp '.local/kafka/libs/*' org.apache.kafka.tools.consumer.ConsoleConsumer \
 	  --bootstrap-server $(KAFKA_BOOTSTRAP_SERVERS) --topic $(TOPIC) --from-beginning \
 	  --property print.key=true --property print.headers=true --property print.value=false
+
+fuzz: venv tools infra-up ## The hostile-input property tests at full size (2,100 cases)
+	HYPOTHESIS_PROFILE=full $(PY) -m pytest tests/test_hostile_input.py
 
 chaos: venv infra-up ## The full fault suite (5,000 orders per fault); writes chaos/RESULTS.md
 	$(PY) -m chaos --profile full --results chaos/RESULTS.md

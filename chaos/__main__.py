@@ -58,7 +58,9 @@ def main() -> None:
             " distinct OrderStatusChanged event, for one order\n"
             "- failed attempts: CreateOrder attempts that failed, by code (the load retries"
             " transient codes with the same request_id)\n"
-            "- seconds to recover: from the fault until an order placed after it is terminal\n\n"
+            "- seconds to recover: from the fault until an order placed after it is terminal;"
+            " that order waits behind the backlog the load built meanwhile, so this is an"
+            " upper bound\n\n"
             f"{report}\n"
         )
     if any(o.lost or o.duplicate_effects for o in outcomes):

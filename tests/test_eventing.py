@@ -188,6 +188,18 @@ def test_events_decode_with_generated_classes_and_carry_cloudevents_headers(
         assert ce_time.utcoffset() is not None and not ce_time.utcoffset()
 
 
+def place_orders(
+    orders: orders_pb2_grpc.OrderServiceStub, user_id: str, currency: str, count: int
+) -> list[str]:
+    """Places orders of 1, 2, … `count` units; returns their ids."""
+    return [
+        orders.CreateOrder(
+            orders_pb2.CreateOrderRequest(user_id=user_id, amount=money(currency, units))
+        ).id
+        for units in range(1, count + 1)
+    ]
+
+
 def produce(topic: str, key: str, value: bytes, headers: Headers | None = None) -> None:
     producer = Producer({"bootstrap.servers": KAFKA.bootstrap_servers, "acks": "all"})
     producer.produce(topic, key=key.encode(), value=value, headers=headers or [])
@@ -325,12 +337,7 @@ def test_events_committed_while_kafka_is_down_are_published_when_it_is_back(
     cut_off = new_relay(KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{closed_port()}")
     cut_off.start()
     try:
-        placed = [
-            orders.CreateOrder(
-                orders_pb2.CreateOrderRequest(user_id=user.id, amount=money("USD", n))
-            ).id
-            for n in range(1, 21)
-        ]
+        placed = place_orders(orders, user.id, "USD", 20)
         assert not wait_until(lambda: unpublished(engine) == 0, timeout=4)
         assert set(statuses(engine, placed).values()) == {"CREATED"}
     finally:
@@ -354,13 +361,7 @@ def test_events_of_a_killed_service_are_published_after_it(
     )
     try:
         with grpc.insecure_channel(service.address) as channel:
-            stub = orders_pb2_grpc.OrderServiceStub(channel)
-            placed = [
-                stub.CreateOrder(
-                    orders_pb2.CreateOrderRequest(user_id=user.id, amount=money("EUR", n))
-                ).id
-                for n in range(1, 41)
-            ]
+            placed = place_orders(orders_pb2_grpc.OrderServiceStub(channel), user.id, "EUR", 40)
         service.process.kill()  # SIGKILL: no drain, no flush, whatever was in flight
         service.process.wait(10)
     finally:
@@ -397,12 +398,7 @@ def test_a_second_processor_shares_the_work_and_leaves_cleanly_on_sigterm(
     try:
         assert is_serving(second.address, "ecommerce.processor")
         # Orders keep coming while the group rebalances onto two members and back to one.
-        placed = [
-            orders.CreateOrder(
-                orders_pb2.CreateOrderRequest(user_id=user.id, amount=money("USD", n))
-            ).id
-            for n in range(1, 101)
-        ]
+        placed = place_orders(orders, user.id, "USD", 100)
         second.terminate()
         assert second.wait(timeout=30) == 0
         assert any(line.get("message") == "stopped" for line in second.log_lines)
@@ -444,12 +440,7 @@ def test_two_relays_at_once_publish_each_event_once(
     replica = new_relay()  # as if a second order_service replica were running
     replica.start()
     try:
-        placed = [
-            orders.CreateOrder(
-                orders_pb2.CreateOrderRequest(user_id=user.id, amount=money("GBP", n))
-            ).id
-            for n in range(1, 51)
-        ]
+        placed = place_orders(orders, user.id, "GBP", 50)
         wait_until_terminal(engine, placed, timeout=60)
     finally:
         replica.stop()
