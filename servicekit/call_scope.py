@@ -33,6 +33,8 @@ class Cancelled(ServiceError):
 
 
 class CallScope:
+    """One RPC's deadline, cancellation and the database connections it has in a transaction."""
+
     def __init__(self, context: grpc.ServicerContext) -> None:
         self.context = context
         self.cancelled = False
