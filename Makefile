@@ -21,7 +21,7 @@ endif
 export KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:59092
 
 .PHONY: help venv tools protos check-protos lint format infra-up infra-down migrate run test \
-        dlq-replay events fuzz chaos chaos-cluster bench-e2e
+        dlq-replay events fuzz chaos chaos-cluster bench bench-e2e
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -96,6 +96,10 @@ chaos-cluster: venv ## kill -9 of one broker of a three-node cluster under load;
 	$(MAKE) infra-up KAFKA_BROKERS=3
 	KAFKA_BOOTSTRAP_SERVERS=$(CLUSTER_BOOTSTRAP) KAFKA_REPLICATION_FACTOR=3 \
 	  $(PY) -m chaos --profile cluster --results chaos/RESULTS-cluster.md
+
+bench: venv infra-up ## RPC, DB, Kafka and end-to-end figures beside their ceilings; bench/RESULTS.md
+	bash scripts/tools.sh --with-ghz
+	$(PY) -m bench.run
 
 bench-e2e: venv ## CreateOrder -> PROCESSED latency through the running stack (make run first)
 	$(PY) -m bench.e2e_latency

@@ -71,6 +71,66 @@ def percentiles(samples_ms: list[float]) -> dict[str, float]:
     return {"p50": cuts[49], "p95": cuts[94], "p99": cuts[98], "max": max(samples_ms)}
 
 
+@dataclass
+class E2eLatency:
+    sent: int
+    completed: int
+    recorded_ms: dict[str, float]  # CreateOrder commit -> UpdateOrderStatus commit (DB clock)
+    observed_ms: dict[str, float]  # CreateOrder call -> OrderStatusChanged seen on the topic
+
+
+def measure(
+    kafka: KafkaSettings,
+    user_service: str,
+    order_service: str,
+    orders_to_send: int,
+    rate: float,
+    timeout: float = 60.0,
+) -> E2eLatency:
+    """Sends `orders_to_send` orders at `rate` per second and times each to its terminal status."""
+    watcher = StatusWatcher(kafka)
+    threading.Thread(target=watcher.run, daemon=True).start()
+    if not watcher.ready.wait(15):
+        raise SystemExit("could not read the orders topic: is the stack up?")
+    with (
+        grpc.insecure_channel(user_service) as user_channel,
+        grpc.insecure_channel(order_service) as order_channel,
+    ):
+        user = users_pb2_grpc.UserServiceStub(user_channel).CreateUser(
+            users_pb2.CreateUserRequest(
+                email=f"bench.{uuid.uuid4().hex[:10]}@example.com", name="Bench"
+            )
+        )
+        orders = orders_pb2_grpc.OrderServiceStub(order_channel)
+        sent: dict[str, tuple[float, orders_pb2.Order]] = {}
+        started = time.monotonic()
+        for n in range(orders_to_send):
+            time.sleep(max(0.0, started + n / rate - time.monotonic()))
+            t0 = time.monotonic()
+            order = orders.CreateOrder(
+                orders_pb2.CreateOrderRequest(
+                    user_id=user.id, amount=money_pb2.Money(currency_code="USD", units=10 + n % 90)
+                )
+            )
+            sent[order.id] = (t0, order)
+
+    deadline = time.monotonic() + timeout
+    while len(sent.keys() & watcher.seen.keys()) < len(sent) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    watcher.stop.set()
+
+    done = sent.keys() & watcher.seen.keys()
+    if len(done) < 2:
+        raise SystemExit("too few orders completed to report percentiles")
+    recorded = [
+        (watcher.seen[i][1].occur_time.ToNanoseconds() - sent[i][1].create_time.ToNanoseconds())
+        / 1e6
+        for i in done
+    ]
+    observed = [(watcher.seen[i][0] - sent[i][0]) * 1000 for i in done]
+    return E2eLatency(len(sent), len(done), percentiles(recorded), percentiles(observed))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="CreateOrder -> PROCESSED latency")
     parser.add_argument("--orders", type=int, default=300, help="how many orders (bounded)")
@@ -82,57 +142,25 @@ def main() -> None:
     if not 1 <= args.orders <= 100_000 or args.rate <= 0:
         parser.error("--orders must be 1..100000 and --rate positive")
 
-    watcher = StatusWatcher(KafkaSettings.from_env(os.environ))
-    threading.Thread(target=watcher.run, daemon=True).start()
-    if not watcher.ready.wait(15):
-        raise SystemExit("could not read the orders topic: is `make run` up?")
-
-    with (
-        grpc.insecure_channel(args.user_service) as user_channel,
-        grpc.insecure_channel(args.order_service) as order_channel,
-    ):
-        user = users_pb2_grpc.UserServiceStub(user_channel).CreateUser(
-            users_pb2.CreateUserRequest(
-                email=f"bench.{uuid.uuid4().hex[:10]}@example.com", name="Bench"
-            )
-        )
-        orders = orders_pb2_grpc.OrderServiceStub(order_channel)
-        sent: dict[str, tuple[float, orders_pb2.Order]] = {}
-        started = time.monotonic()
-        for n in range(args.orders):
-            time.sleep(max(0.0, started + n / args.rate - time.monotonic()))
-            t0 = time.monotonic()
-            order = orders.CreateOrder(
-                orders_pb2.CreateOrderRequest(
-                    user_id=user.id, amount=money_pb2.Money(currency_code="USD", units=10 + n % 90)
-                )
-            )
-            sent[order.id] = (t0, order)
-
-    deadline = time.monotonic() + args.timeout
-    while len(sent.keys() & watcher.seen.keys()) < len(sent) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    watcher.stop.set()
-
-    done = sent.keys() & watcher.seen.keys()
-    recorded = [
-        (watcher.seen[i][1].occur_time.ToNanoseconds() - sent[i][1].create_time.ToNanoseconds())
-        / 1e6
-        for i in done
-    ]
-    observed = [(watcher.seen[i][0] - sent[i][0]) * 1000 for i in done]
-    print(f"orders sent: {len(sent)} at {args.rate:g}/s; reached a terminal status: {len(done)}")
-    if len(done) < 2:
-        raise SystemExit("too few orders completed to report percentiles")
+    result = measure(
+        KafkaSettings.from_env(os.environ),
+        args.user_service,
+        args.order_service,
+        args.orders,
+        args.rate,
+        args.timeout,
+    )
+    print(f"orders sent: {result.sent} at {args.rate:g}/s; terminal: {result.completed}")
     print(f"{'latency (ms)':<28}{'p50':>9}{'p95':>9}{'p99':>9}{'max':>9}")
-    for label, samples in (
-        ("recorded (DB commit->commit)", recorded),
-        ("observed (call->event seen)", observed),
+    for label, cut in (
+        ("recorded (DB commit->commit)", result.recorded_ms),
+        ("observed (call->event seen)", result.observed_ms),
     ):
-        cut = percentiles(samples)
         print(f"{label:<28}" + "".join(f"{cut[k]:>9.1f}" for k in ("p50", "p95", "p99", "max")))
-    if len(done) < len(sent):
-        raise SystemExit(f"{len(sent) - len(done)} orders not terminal within {args.timeout:g} s")
+    if result.completed < result.sent:
+        raise SystemExit(
+            f"{result.sent - result.completed} orders not terminal in {args.timeout:g} s"
+        )
 
 
 if __name__ == "__main__":

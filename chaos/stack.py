@@ -37,7 +37,10 @@ class Part:
 
 
 class Stack:
-    def __init__(self, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, extra_env: dict[str, str] | None = None, database_url: str = CHAOS_DATABASE_URL
+    ) -> None:
+        self.database_url = database_url
         run = uuid.uuid4().hex[:8]
         self.parts = {
             "user_service": Part("user_service", "USER_SERVICE_PORT", free_port()),
@@ -45,7 +48,7 @@ class Stack:
             "processor": Part("processor", "PROCESSOR_HEALTH_PORT", free_port()),
         }
         self.env = {
-            "DATABASE_URL": CHAOS_DATABASE_URL,
+            "DATABASE_URL": database_url,
             "KAFKA_BOOTSTRAP_SERVERS": os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:59092"),
             "KAFKA_REPLICATION_FACTOR": os.environ.get("KAFKA_REPLICATION_FACTOR", "1"),
             "KAFKA_ORDERS_TOPIC": f"chaos-{run}.ecommerce.orders.v1",
@@ -65,7 +68,7 @@ class Stack:
         return f"127.0.0.1:{self.parts[name].port}"
 
     def prepare(self) -> None:
-        recreate_disposable_database(CHAOS_DATABASE_URL)
+        recreate_disposable_database(self.database_url)
         ensure_topics(self.kafka)
 
     def start(self, name: str) -> None:

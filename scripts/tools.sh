@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the pinned command-line tools (grpcurl, buf) into .local/bin with `go install`.
+# Installs the pinned command-line tools (grpcurl, buf; ghz with --with-ghz) into .local/bin with
+# `go install`.
 # Skips a tool whose pinned version is already there.
 set -euo pipefail
 
@@ -20,5 +21,11 @@ install() { # name module version
   echo "$version" >"$stamp"
 }
 
+GHZ_VERSION=v0.120.0
+
 install grpcurl github.com/fullstorydev/grpcurl/cmd/grpcurl "$GRPCURL_VERSION"
 install buf github.com/bufbuild/buf/cmd/buf "$BUF_VERSION"
+# The RPC load generator, for `make bench` only.
+if [ "${1:-}" = "--with-ghz" ]; then
+  install ghz github.com/bojand/ghz/cmd/ghz "$GHZ_VERSION"
+fi

@@ -1,0 +1,295 @@
+"""`make bench`: throughput and latency of each RPC, the pipeline's end-to-end latency and the
+services' memory, each figure beside the ceiling of the part it stands on, measured in the same
+run on the same machine:
+  - RPC ceiling: grpc.health.v1.Health/Check (no work behind it) through the same server stack;
+  - DB ceiling: pgbench running CreateOrder's SQL (order + outbox insert, one transaction);
+  - Kafka ceiling: Kafka's ProducerPerformance with the settings of the outbox relay.
+Runs its own stack (database `ecommerce_bench`, topics of its own) on the infrastructure of
+`make infra-up`; prints a table and writes it to bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
+from ecommerce.v1 import orders_pb2, orders_pb2_grpc, users_pb2, users_pb2_grpc
+from google.type import money_pb2
+from sqlalchemy import create_engine, text
+
+from bench.e2e_latency import measure
+from chaos.processes import REPO, wait_until
+from chaos.stack import Stack
+
+BENCH_DATABASE_URL = "postgresql+psycopg2://ecommerce@127.0.0.1:55432/ecommerce_bench"
+GHZ = REPO / ".local" / "bin" / "ghz"
+GRPCURL = REPO / ".local" / "bin" / "grpcurl"
+_PROTOSETS = Path(tempfile.mkdtemp(prefix="bench-protosets-"))
+
+
+def protoset(address: str, service: str) -> Path:
+    """The service's descriptors, read by grpcurl through reflection (ghz's own reflection
+    client does not find the health service), cached per service."""
+    path = _PROTOSETS / f"{service}.protoset"
+    if not path.exists():
+        subprocess.run(
+            [str(GRPCURL), "-plaintext", "-protoset-out", str(path), address, "describe", service],
+            capture_output=True, check=True, timeout=30,
+        )  # fmt: skip
+    return path
+
+
+@dataclass(frozen=True)
+class RpcFigures:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def ghz(
+    address: str, call: str, data: dict[str, object], concurrency: int, seconds: int
+) -> RpcFigures:
+    completed = subprocess.run(
+        [
+            str(GHZ), "--insecure", "--call", call, "-d", json.dumps(data),
+            "--protoset", str(protoset(address, call.split("/")[0])),
+            "-c", str(concurrency), "--connections", str(min(concurrency, 4)),
+            "-z", f"{seconds}s", "-O", "json", address,
+        ],
+        capture_output=True, text=True, timeout=seconds + 120, check=True,
+    )  # fmt: skip
+    report = json.loads(completed.stdout)
+    latency = {d["percentage"]: d["latency"] / 1e6 for d in report["latencyDistribution"] or []}
+    # "Canceled": the calls still in flight when the duration ended, cut off by ghz itself.
+    errors = sum(
+        n for code, n in report["statusCodeDistribution"].items() if code not in ("OK", "Canceled")
+    )
+    return RpcFigures(report["rps"], latency.get(50, 0.0), latency.get(99, 0.0), errors)
+
+
+def pgbench_tps(user_id: str, connections: int, seconds: int) -> float:
+    """Transactions per second of CreateOrder's two inserts, straight into PostgreSQL."""
+    script = f"""
+\\set units random(1, 100)
+BEGIN;
+INSERT INTO orders (id, user_id, amount, currency_code, status)
+  VALUES (gen_random_uuid(), '{user_id}', :units, 'USD', 'CREATED');
+INSERT INTO outbox_events (event_id, topic, message_key, event_type, source, payload, occur_time,
+                           publish_time)
+  VALUES (gen_random_uuid(), 'pgbench', '{user_id}', 'ecommerce.events.v1.OrderCreated',
+          '/bench', '\\x0a', now(), now());
+COMMIT;
+"""  # publish_time set: the relay leaves these rows alone
+    pg_bin = sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1]
+    with tempfile.NamedTemporaryFile("w", suffix=".sql") as file:
+        file.write(script)
+        file.flush()
+        completed = subprocess.run(
+            [
+                str(pg_bin / "pgbench"), "-n", "-h", "127.0.0.1", "-p", "55432", "-U", "ecommerce",
+                "-c", str(connections), "-j", "2", "-T", str(seconds), "-f", file.name,
+                "ecommerce_bench",
+            ],
+            capture_output=True, text=True, timeout=seconds + 60, check=True,
+        )  # fmt: skip
+    match = re.search(r"tps = ([\d.]+) \(without initial connection time\)", completed.stdout)
+    if not match:
+        raise RuntimeError(f"pgbench said: {completed.stdout}{completed.stderr}")
+    return float(match.group(1))
+
+
+def kafka_producer_ceiling(bootstrap: str, record_size: int, records: int = 50_000) -> float:
+    """Records/s of Kafka's own producer with the outbox relay's settings, on a topic of its own."""
+    topic = f"bench-{uuid.uuid4().hex[:8]}.producer-ceiling"
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for future in admin.create_topics([NewTopic(topic, num_partitions=3)]).values():
+        future.result()
+    try:
+        completed = subprocess.run(
+            [
+                "java", "-Xmx256m",
+                f"-Dlog4j2.configurationFile={REPO}/infra/kafka/log4j2.properties",
+                f"-Dkafka.logs.dir={REPO}/.local/kafka", "-cp", f"{REPO}/.local/kafka/libs/*",
+                "org.apache.kafka.tools.ProducerPerformance", "--topic", topic,
+                "--num-records", str(records), "--record-size", str(record_size),
+                "--throughput", "-1", "--producer-props", f"bootstrap.servers={bootstrap}",
+                "acks=all", "enable.idempotence=true", "linger.ms=2", "compression.type=lz4",
+            ],
+            capture_output=True, text=True, timeout=300, check=True,
+        )  # fmt: skip
+    finally:
+        for future in admin.delete_topics([topic]).values():
+            future.result()
+    match = re.findall(r"([\d.]+) records/sec", completed.stdout)
+    if not match:
+        raise RuntimeError(f"ProducerPerformance said: {completed.stdout}{completed.stderr}")
+    return float(match[-1])
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def machine() -> str:
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} cores, {memory:.0f} GiB"
+
+
+Call = tuple[str, str, dict[str, object]]  # address, method, request as JSON
+
+
+def seed(users_at: str, orders_at: str) -> tuple[str, str]:
+    """A user and an order for the read RPCs; returns their ids."""
+    with grpc.insecure_channel(users_at) as u, grpc.insecure_channel(orders_at) as o:
+        user = users_pb2_grpc.UserServiceStub(u).CreateUser(
+            users_pb2.CreateUserRequest(email=f"b.{uuid.uuid4().hex}@example.com", name="B")
+        )
+        order = orders_pb2_grpc.OrderServiceStub(o).CreateOrder(
+            orders_pb2.CreateOrderRequest(
+                user_id=user.id, amount=money_pb2.Money(currency_code="USD", units=42)
+            )
+        )
+    return user.id, order.id
+
+
+def rpc_rows(
+    calls: dict[str, Call], ceiling_at: str, concurrency: int, seconds: int
+) -> tuple[list[str], float]:
+    """Table rows for each RPC at one concurrency, and the CreateOrder rate reached."""
+    ceiling = ghz(ceiling_at, "grpc.health.v1.Health/Check", {}, concurrency, seconds)
+    rows = [row("Health/Check (ceiling)", concurrency, ceiling, ceiling)]
+    create_order_rate = 0.0
+    for name, (address, method, data) in calls.items():
+        figures = ghz(address, method, data, concurrency, seconds)
+        if name == "CreateOrder":
+            create_order_rate = figures.rps
+        rows.append(row(name, concurrency, figures, ceiling))
+    return rows, create_order_rate
+
+
+def row(name: str, concurrency: int, figures: RpcFigures, ceiling: RpcFigures) -> str:
+    return (
+        f"| {name} | {concurrency} | {figures.rps:.0f} | {figures.p50_ms:.1f}"
+        f" | {figures.p99_ms:.1f} | {figures.errors} | {figures.rps / ceiling.rps:.2f} |"
+    )
+
+
+def ceiling_rows(
+    user_id: str, bootstrap: str, create_order: dict[int, float], seconds: int
+) -> list[str]:
+    rows = [
+        "| ceiling | concurrency | per second | CreateOrder ÷ ceiling |",
+        "|---|---:|---:|---:|",
+    ]
+    for concurrency, rate in create_order.items():
+        tps = pgbench_tps(user_id, concurrency, seconds)
+        rows.append(
+            f"| pgbench, CreateOrder's SQL | {concurrency} | {tps:.0f} | {rate / tps:.2f} |"
+        )
+    producer = kafka_producer_ceiling(bootstrap, record_size=300)
+    rows.append(f"| Kafka ProducerPerformance, 300 B, acks=all | - | {producer:.0f} | - |")
+    return rows
+
+
+def wait_for_backlog(database_url: str, timeout: float = 600) -> None:
+    """The CreateOrder runs leave thousands of orders to process: latency is measured after."""
+    engine = create_engine(database_url)
+    query = text("SELECT count(*) FROM orders WHERE status = 'CREATED'")
+    try:
+        with engine.connect() as connection:
+            wait_until(lambda: connection.scalar(query) == 0, timeout=timeout, interval=0.5)
+    finally:
+        engine.dispose()
+
+
+def e2e_rows(stack: Stack, rate: float) -> list[str]:
+    wait_for_backlog(stack.database_url)
+    users_at, orders_at = stack.address("user_service"), stack.address("order_service")
+    e2e = measure(stack.kafka, users_at, orders_at, int(min(3000, rate * 10)), rate, timeout=120)
+    rows = [
+        f"End to end at {rate:.0f} orders/s (half the best CreateOrder rate);"
+        f" {e2e.completed} of {e2e.sent} terminal:",
+        "",
+        "| latency ms | p50 | p95 | p99 | max |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label, cut in (
+        ("CreateOrder commit -> PROCESSED commit", e2e.recorded_ms),
+        ("CreateOrder call -> OrderStatusChanged seen", e2e.observed_ms),
+    ):
+        figures = " | ".join(f"{cut[k]:.1f}" for k in ("p50", "p95", "p99", "max"))
+        rows.append(f"| {label} | {figures} |")
+    return rows
+
+
+def run(stack: Stack, concurrencies: list[int], seconds: int) -> list[str]:
+    users_at, orders_at = stack.address("user_service"), stack.address("order_service")
+    user_id, order_id = seed(users_at, orders_at)
+    calls: dict[str, Call] = {
+        "CreateUser": (users_at, "ecommerce.v1.UserService/CreateUser",
+                       {"email": "b{{newUUID}}@example.com", "name": "Bench"}),
+        "GetUser": (users_at, "ecommerce.v1.UserService/GetUser", {"id": user_id}),
+        "CreateOrder": (orders_at, "ecommerce.v1.OrderService/CreateOrder",
+                        {"user_id": user_id, "amount": {"currency_code": "USD", "units": "42"}}),
+        "GetOrder": (orders_at, "ecommerce.v1.OrderService/GetOrder", {"id": order_id}),
+        "ListOrders": (orders_at, "ecommerce.v1.OrderService/ListOrders",
+                       {"user_id": user_id, "page_size": 20}),
+    }  # fmt: skip
+    lines = [
+        "| RPC | concurrency | RPC/s | p50 ms | p99 ms | not OK (incl. cut off at the end)"
+        " | RPC/s ÷ RPC ceiling |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    create_order: dict[int, float] = {}
+    for concurrency in concurrencies:
+        rows, create_order[concurrency] = rpc_rows(calls, orders_at, concurrency, seconds)
+        lines += rows
+    lines += ["", *ceiling_rows(user_id, stack.kafka.bootstrap_servers, create_order, seconds)]
+    lines += ["", *e2e_rows(stack, max(10.0, max(create_order.values()) / 2))]
+    lines += ["", "| process | peak RSS MB |", "|---|---:|"]
+    lines += [
+        f"| {name} | {peak_rss_mb(process.process.pid):.0f} |"
+        for name, process in stack.processes.items()
+    ]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--seconds", type=int, default=5, help="per RPC measurement")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--results", type=Path, default=REPO / "bench" / "RESULTS.md")
+    args = parser.parse_args()
+    if not GHZ.exists():
+        raise SystemExit("ghz is not installed: bash scripts/tools.sh --with-ghz")
+    stack = Stack(database_url=BENCH_DATABASE_URL)
+    stack.prepare()
+    try:
+        stack.start_all()
+        report = "\n".join(run(stack, args.concurrency, args.seconds))
+    finally:
+        stack.stop_all()
+    print(report)
+    args.results.write_text(
+        f"# Benchmarks\n\n`make bench` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {machine()},"
+        f" load generator (ghz, {args.seconds} s per row) on the same machine.\n\n{report}\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
