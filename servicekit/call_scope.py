@@ -16,20 +16,10 @@ from typing import Any
 
 import grpc
 
-from servicekit.errors import ServiceError
+from servicekit.errors import DeadlineExceeded
 
 _NO_DEADLINE_SECONDS = 365 * 24 * 3600.0
 _current: ContextVar[CallScope | None] = ContextVar("current_call", default=None)
-
-
-class DeadlineExceeded(ServiceError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
-    default_reason = "DEADLINE_EXCEEDED"
-
-
-class Cancelled(ServiceError):
-    code = grpc.StatusCode.CANCELLED
-    default_reason = "CANCELLED"
 
 
 class CallScope:

@@ -97,3 +97,13 @@ class FailedPrecondition(ServiceError):
 class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
     default_reason = "UNAVAILABLE"
+
+
+class DeadlineExceeded(ServiceError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    default_reason = "DEADLINE_EXCEEDED"
+
+
+class Cancelled(ServiceError):
+    code = grpc.StatusCode.CANCELLED
+    default_reason = "CANCELLED"

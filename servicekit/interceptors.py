@@ -11,8 +11,8 @@ import grpc
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from servicekit.call_scope import CallScope, Cancelled, DeadlineExceeded
-from servicekit.errors import ServiceError, Unavailable
+from servicekit.call_scope import CallScope
+from servicekit.errors import Cancelled, DeadlineExceeded, ServiceError, Unavailable
 
 log = logging.getLogger("servicekit.rpc")
 
