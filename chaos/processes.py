@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -88,3 +89,11 @@ def wait_until(condition: object, timeout: float, interval: float = 0.05) -> boo
             return True
         time.sleep(interval)
     return False
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import uuid
 from dataclasses import dataclass
 
-from chaos.processes import REPO, ServiceProcess, wait_until
+from chaos.processes import REPO, ServiceProcess, free_port, wait_until
 from servicekit.healthcheck import is_serving
 from servicekit.kafka import ensure_topics
 from servicekit.schema import recreate_disposable_database
@@ -20,13 +19,6 @@ from servicekit.settings import KafkaSettings
 CHAOS_DATABASE_URL = os.environ.get(
     "CHAOS_DATABASE_URL", "postgresql+psycopg2://ecommerce@127.0.0.1:55432/ecommerce_chaos"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 @dataclass(frozen=True)

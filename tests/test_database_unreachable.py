@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import uuid
 from collections.abc import Iterator
 
@@ -11,23 +10,16 @@ import pytest
 from ecommerce.v1 import users_pb2, users_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from chaos.processes import free_port
 from servicekit.server import start_service
 from tests.conftest import service_settings, unique_email
 from tests.rpc_errors import call_fails
 from user_service.service import DEFINITION as USER_SERVICE
 
 
-def closed_loopback_port() -> int:
-    """A port nothing listens on: bound, then released."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
 @pytest.fixture
 def channel_without_database() -> Iterator[grpc.Channel]:
-    url = f"postgresql+psycopg2://ecommerce@127.0.0.1:{closed_loopback_port()}/ecommerce"
+    url = f"postgresql+psycopg2://ecommerce@127.0.0.1:{free_port()}/ecommerce"
     running = start_service(USER_SERVICE, service_settings("user_service", DATABASE_URL=url))
     with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         yield channel

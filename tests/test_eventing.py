@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import uuid
@@ -20,7 +19,7 @@ from ecommerce.v1 import orders_pb2, orders_pb2_grpc, users_pb2, users_pb2_grpc
 from google.type import money_pb2
 from sqlalchemy import Engine, bindparam, text
 
-from chaos.processes import ServiceProcess, wait_until
+from chaos.processes import ServiceProcess, free_port, wait_until
 from chaos.topics import Record, read_topic
 from servicekit.healthcheck import is_serving
 from servicekit.kafka import Headers, cloudevent_headers
@@ -334,7 +333,7 @@ def test_events_committed_while_kafka_is_down_are_published_when_it_is_back(
 ) -> None:
     relay.stop()
     # The only relay now sees no broker: it leads, fails to publish, keeps every row.
-    cut_off = new_relay(KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{closed_port()}")
+    cut_off = new_relay(KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}")
     cut_off.start()
     try:
         placed = place_orders(orders, user.id, "USD", 20)
@@ -378,13 +377,6 @@ def unpublished(engine: Engine) -> int:
             connection.scalar(text("SELECT count(*) FROM outbox_events WHERE publish_time IS NULL"))
             or 0
         )
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 def test_a_second_processor_shares_the_work_and_leaves_cleanly_on_sigterm(
