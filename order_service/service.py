@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import uuid
+from datetime import UTC, datetime
 from decimal import Decimal
+from typing import NamedTuple
 
 import grpc
 from ecommerce.events.v1 import events_pb2
 from ecommerce.v1 import orders_pb2, orders_pb2_grpc
-from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from psycopg2 import IntegrityError
 
 from order_service.status import (
     CREATED,
@@ -21,14 +21,13 @@ from order_service.status import (
     status_from_column,
     status_to_column,
 )
-from servicekit.db import transaction, violated_constraint
+from servicekit.db import violated_constraint
 from servicekit.errors import InvalidArgument, NotFound
 from servicekit.fields import check_printable, parse_id, parse_request_id, to_timestamp
-from servicekit.idempotency import create_once
-from servicekit.models import OrderRecord, OrderStatusChangeRecord
+from servicekit.idempotency import Creation, create_once
 from servicekit.money import decimal_to_money, money_to_decimal
-from servicekit.outbox import Event, new_event_id, stage_event
-from servicekit.pagination import fetch_page
+from servicekit.outbox import Event, event_params, new_event_id, stage_event_after
+from servicekit.pagination import ListQuery, fetch_page
 from servicekit.server import ServiceDefinition, ServiceResources
 
 log = logging.getLogger("order_service")
@@ -36,15 +35,52 @@ log = logging.getLogger("order_service")
 MAX_REASON_LENGTH = 1000
 
 
-def order_message(record: OrderRecord) -> orders_pb2.Order:
+class OrderRow(NamedTuple):
+    """An `orders` row, as the statements below select it."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    amount: Decimal
+    currency_code: str
+    status: str
+    status_reason: str
+    create_time: datetime
+    update_time: datetime
+
+
+ORDER_COLUMNS = ", ".join(OrderRow._fields)
+SELECT_ORDER = f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = %(id)s::uuid"
+SELECT_ORDER_FOR_UPDATE = f"{SELECT_ORDER} FOR UPDATE"
+SELECT_ORDER_OF_REQUEST = f"SELECT {ORDER_COLUMNS} FROM orders WHERE request_id = %(request_id)s"
+INSERT_ANNOUNCED_ORDER = f"""
+WITH new_order AS (
+    INSERT INTO orders ({ORDER_COLUMNS}, request_id)
+    VALUES (%(id)s, %(user_id)s, %(amount)s, %(currency_code)s, %(status)s, '',
+            %(create_time)s, %(create_time)s, %(request_id)s)
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING id
+) {stage_event_after("new_order")}"""
+CHANGE_ANNOUNCED_STATUS = f"""
+WITH changed AS (
+    UPDATE orders SET status = %(status)s, status_reason = %(reason)s, update_time = %(now)s
+    WHERE id = %(id)s::uuid
+    RETURNING id
+), history AS (
+    INSERT INTO order_status_changes
+        (order_id, old_status, new_status, reason, event_id, change_time)
+    SELECT id, %(old_status)s, %(status)s, %(reason)s, %(event_id)s::uuid, %(now)s FROM changed
+) {stage_event_after("changed")}"""
+
+
+def order_message(row: OrderRow) -> orders_pb2.Order:
     return orders_pb2.Order(
-        id=str(record.id),
-        user_id=str(record.user_id),
-        amount=decimal_to_money(record.amount, record.currency_code),
-        status=status_from_column(record.status),
-        status_reason=record.status_reason,
-        create_time=to_timestamp(record.create_time),
-        update_time=to_timestamp(record.update_time),
+        id=str(row.id),
+        user_id=str(row.user_id),
+        amount=decimal_to_money(row.amount, row.currency_code),
+        status=status_from_column(row.status),
+        status_reason=row.status_reason,
+        create_time=to_timestamp(row.create_time),
+        update_time=to_timestamp(row.update_time),
     )
 
 
@@ -59,48 +95,15 @@ def _positive_amount(request: orders_pb2.CreateOrderRequest) -> Decimal:
 
 class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
     def __init__(self, resources: ServiceResources) -> None:
-        self._sessions = resources.sessions
+        self._database = resources.database
         self._orders_topic = resources.settings.kafka.orders_topic
         self._event_source = resources.event_source
 
-    def _stage(self, session: Session, user_id: str, event: Event) -> None:
+    def _event_params(self, user_id: str, event: Event) -> dict[str, object]:
         # Keyed by user: all of one user's order events land in one partition, in order.
-        stage_event(
-            session, topic=self._orders_topic, key=user_id, source=self._event_source, event=event
+        return event_params(
+            topic=self._orders_topic, key=user_id, source=self._event_source, event=event
         )
-
-    def _announce_created(self, session: Session, record: OrderRecord) -> None:
-        order = order_message(record)
-        event = events_pb2.OrderCreated(
-            event_id=new_event_id(), order=order, occur_time=order.create_time
-        )
-        self._stage(session, order.user_id, event)
-
-    def _record_status_change(
-        self, session: Session, record: OrderRecord, previous: OrderStatus
-    ) -> None:
-        """The history row and the OrderStatusChanged event, in the transaction of the change."""
-        session.flush()  # the database sets update_time
-        event = events_pb2.OrderStatusChanged(
-            event_id=new_event_id(),
-            order_id=str(record.id),
-            user_id=str(record.user_id),
-            old_status=previous,
-            new_status=status_from_column(record.status),
-            reason=record.status_reason,
-            occur_time=to_timestamp(record.update_time),
-        )
-        session.add(
-            OrderStatusChangeRecord(
-                order_id=record.id,
-                old_status=status_to_column(previous),
-                new_status=record.status,
-                reason=record.status_reason,
-                event_id=uuid.UUID(event.event_id),
-                change_time=record.update_time,
-            )
-        )
-        self._stage(session, event.user_id, event)
 
     def CreateOrder(
         self, request: orders_pb2.CreateOrderRequest, context: grpc.ServicerContext
@@ -109,57 +112,72 @@ class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
         amount = _positive_amount(request)
         currency_code = request.amount.currency_code
         request_id = parse_request_id(request.request_id)
-        new_order = OrderRecord(
+        now = datetime.now(UTC)
+        new_order = OrderRow(
+            id=uuid.uuid4(),
             user_id=user_id,
             amount=amount,
             currency_code=currency_code,
             status=status_to_column(CREATED),
+            status_reason="",
+            create_time=now,
+            update_time=now,
+        )
+        order = order_message(new_order)
+        created = events_pb2.OrderCreated(
+            event_id=new_event_id(), order=order, occur_time=order.create_time
+        )
+        creation = Creation(
+            new_row=new_order,
+            insert_sql=INSERT_ANNOUNCED_ORDER,
+            params={
+                **new_order._asdict(),
+                "request_id": request_id,
+                **self._event_params(order.user_id, created),
+            },
             request_id=request_id,
+            find_sql=SELECT_ORDER_OF_REQUEST,
+            row_type=OrderRow,
+            same_request=lambda earlier: (
+                (earlier.user_id, earlier.amount, earlier.currency_code)
+                == (user_id, amount, currency_code)
+            ),
         )
         try:
-            record = create_once(
-                self._sessions,
-                new_order,
-                same_request=lambda earlier: (
-                    (earlier.user_id, earlier.amount, earlier.currency_code)
-                    == (user_id, amount, currency_code)
-                ),
-                in_same_transaction=self._announce_created,
-            )
+            row = create_once(self._database, creation)
         except IntegrityError as error:
             if violated_constraint(error) == "orders_user_id_fkey":
                 raise NotFound(f"user {user_id} does not exist", reason="USER_NOT_FOUND") from None
             raise
-        log.info("order created", extra={"fields": {"order_id": str(record.id)}})
-        return order_message(record)
+        if row is new_order:
+            log.info("order created", extra={"fields": {"order_id": order.id}})
+            return order
+        return order_message(row)
 
     def GetOrder(
         self, request: orders_pb2.GetOrderRequest, context: grpc.ServicerContext
     ) -> orders_pb2.Order:
         order_id = parse_id(request.id)
-        with self._sessions() as session:
-            record = session.get(OrderRecord, order_id)
-        if record is None:
+        row = self._database.fetch_one(SELECT_ORDER, {"id": order_id})
+        if row is None:
             raise NotFound(f"order {order_id} does not exist", reason="ORDER_NOT_FOUND")
-        return order_message(record)
+        return order_message(OrderRow(*row))
 
     def ListOrders(
         self, request: orders_pb2.ListOrdersRequest, context: grpc.ServicerContext
     ) -> orders_pb2.ListOrdersResponse:
-        query = select(OrderRecord)
+        equal_to = {}
         if request.user_id:
-            query = query.where(OrderRecord.user_id == parse_id(request.user_id, "user_id"))
-        with self._sessions() as session:
-            records, next_page_token = fetch_page(
-                session,
-                query,
-                (OrderRecord.create_time, OrderRecord.id),
-                request.page_size,
-                request.page_token,
-                list_filter=f"user_id={request.user_id}",
-            )
+            equal_to["user_id"] = parse_id(request.user_id, "user_id")
+        rows, next_page_token = fetch_page(
+            self._database,
+            ListQuery("orders", OrderRow, ORDER_COLUMNS, equal_to),
+            request.page_size,
+            request.page_token,
+            list_filter=f"user_id={request.user_id}",
+        )
         return orders_pb2.ListOrdersResponse(
-            orders=[order_message(record) for record in records], next_page_token=next_page_token
+            orders=[order_message(row) for row in rows], next_page_token=next_page_token
         )
 
     def UpdateOrderStatus(
@@ -170,28 +188,49 @@ class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
         reason = check_printable(request.reason.strip(), "reason", allow_line_breaks=True)
         if len(reason) > MAX_REASON_LENGTH:
             raise InvalidArgument("reason", f"must be at most {MAX_REASON_LENGTH} characters")
-        with transaction(self._sessions) as session:
+        with self._database.transaction() as cursor:
             # The row lock serialises concurrent updates of one order, so exactly one wins.
-            record = session.get(OrderRecord, order_id, with_for_update=True)
-            if record is None:
+            cursor.execute(SELECT_ORDER_FOR_UPDATE, {"id": order_id})
+            found = cursor.fetchone()
+            if found is None:
                 raise NotFound(f"order {order_id} does not exist", reason="ORDER_NOT_FOUND")
-            previous = status_from_column(record.status)
-            if order_status_transition(previous, requested):
-                record.status = status_to_column(requested)
-                record.status_reason = reason
-                record.update_time = func.now()  # the database's clock
-                self._record_status_change(session, record, previous)
-                log.info(
-                    "order status changed",
-                    extra={
-                        "fields": {
-                            "order_id": str(order_id),
-                            "from": status_to_column(previous),
-                            "to": record.status,
-                        }
-                    },
-                )
-        return order_message(record)
+            current = OrderRow(*found)
+            previous = status_from_column(current.status)
+            if not order_status_transition(previous, requested):
+                return order_message(current)
+            changed = current._replace(
+                status=status_to_column(requested),
+                status_reason=reason,
+                update_time=max(datetime.now(UTC), current.create_time),
+            )
+            cursor.execute(CHANGE_ANNOUNCED_STATUS, self._change_params(changed, previous))
+        log.info(
+            "order status changed",
+            extra={
+                "fields": {"order_id": str(order_id), "from": current.status, "to": changed.status}
+            },
+        )
+        return order_message(changed)
+
+    def _change_params(self, changed: OrderRow, previous: OrderStatus) -> dict[str, object]:
+        """The history row and the OrderStatusChanged event, written with the change."""
+        event = events_pb2.OrderStatusChanged(
+            event_id=new_event_id(),
+            order_id=str(changed.id),
+            user_id=str(changed.user_id),
+            old_status=previous,
+            new_status=status_from_column(changed.status),
+            reason=changed.status_reason,
+            occur_time=to_timestamp(changed.update_time),
+        )
+        return {
+            "id": changed.id,
+            "status": changed.status,
+            "reason": changed.status_reason,
+            "now": changed.update_time,
+            "old_status": status_to_column(previous),
+            **self._event_params(event.user_id, event),
+        }
 
 
 DEFINITION = ServiceDefinition(

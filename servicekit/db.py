@@ -1,16 +1,15 @@
-"""The database engine, one session per RPC, and the declarative base every model shares."""
+"""The database engine and its pool, and the declarative base every model shares."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import time
 from typing import Any
 
-from sqlalchemy import Connection, Engine, MetaData, create_engine, event, text
-from sqlalchemy.exc import DisconnectionError, IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Session, SessionTransaction, sessionmaker
+from sqlalchemy import Engine, MetaData, create_engine, event, text
+from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.orm import DeclarativeBase
 
-from servicekit.call_scope import CallScope, abandoned_connections
+from servicekit.call_scope import abandoned_connections
 from servicekit.settings import ServiceSettings
 
 
@@ -35,7 +34,6 @@ def create_db_engine(settings: ServiceSettings) -> Engine:
         settings.database_url,
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_pool_size,
-        pool_pre_ping=True,  # a restarted database must not surface as errors on stale connections
         connect_args={
             "connect_timeout": 3,
             "application_name": settings.service_name,
@@ -43,49 +41,36 @@ def create_db_engine(settings: ServiceSettings) -> Engine:
             "options": f"-c statement_timeout={timeout_ms}",
         },
     )
-    event.listen(engine, "checkout", _refuse_abandoned)
+    event.listen(engine, "checkin", _note_idle_since)
+    event.listen(engine, "checkout", _check_before_reuse)
     return engine
 
 
-def _refuse_abandoned(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+# A connection idle for longer than this is pinged before reuse, so that a restarted database
+# does not surface as errors on stale connections. Busy connections skip the round trip: if the
+# database goes away under load, the failed statement invalidates the whole pool at once.
+PING_AFTER_IDLE_SECONDS = 1.0
+
+
+def _note_idle_since(_dbapi_connection: Any, record: Any) -> None:
+    record.info["idle_since"] = time.monotonic()
+
+
+def _check_before_reuse(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    """Raising DisconnectionError makes the pool replace the connection and try again."""
     if dbapi_connection in abandoned_connections:
         abandoned_connections.discard(dbapi_connection)
-        raise DisconnectionError("its statement was cancelled with its call")  # pool replaces it
-
-
-SessionFactory = sessionmaker[Session]
-
-
-def session_factory(engine: Engine, statement_timeout_seconds: float) -> SessionFactory:
-    """Sessions whose transactions belong to the current RPC, if there is one (see call_scope)."""
-    factory = sessionmaker(engine, expire_on_commit=False)
-    default_timeout_ms = int(statement_timeout_seconds * 1000)
-
-    def bind_to_call(session: Session, _transaction: Any, connection: Connection) -> None:
-        scope = CallScope.current()
-        if scope is None:
-            return
-        remaining_ms = scope.remaining_ms()
-        if remaining_ms is not None and remaining_ms < default_timeout_ms:
-            connection.exec_driver_sql(f"SET LOCAL statement_timeout = {remaining_ms}")
-        scope.attach(session, connection.connection.dbapi_connection)
-
-    event.listen(factory, "after_begin", bind_to_call)
-    event.listen(factory, "after_transaction_end", _unbind_from_call)
-    return factory
-
-
-def _unbind_from_call(session: Session, transaction: SessionTransaction) -> None:
-    scope = CallScope.current()
-    if scope is not None and transaction.parent is None:
-        scope.detach(session)
-
-
-@contextmanager
-def transaction(sessions: SessionFactory) -> Iterator[Session]:
-    """A session whose work commits on success and rolls back on any exception."""
-    with sessions() as session, session.begin():
-        yield session
+        raise DisconnectionError("its statement was cancelled with its call")
+    idle_since = record.info.get("idle_since")
+    if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE_SECONDS:
+        return
+    try:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        if not dbapi_connection.autocommit:
+            dbapi_connection.rollback()
+    except Exception as error:
+        raise DisconnectionError(f"stale connection: {error}") from error
 
 
 def database_answers(engine: Engine) -> bool:
@@ -97,7 +82,8 @@ def database_answers(engine: Engine) -> bool:
         return False
 
 
-def violated_constraint(error: IntegrityError) -> str | None:
-    """The name of the constraint PostgreSQL reported, e.g. `users_email_key`."""
-    diag = getattr(error.orig, "diag", None)
+def violated_constraint(error: Exception) -> str | None:
+    """The name of the constraint PostgreSQL reported, e.g. `users_email_key` (from a psycopg2
+    error, or one SQLAlchemy wraps)."""
+    diag = getattr(getattr(error, "orig", error), "diag", None)
     return getattr(diag, "constraint_name", None)

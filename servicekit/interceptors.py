@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+import psycopg2
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
@@ -20,8 +21,15 @@ log = logging.getLogger("servicekit.rpc")
 _LOGGED_ID_FIELDS = ("id", "user_id", "request_id")
 
 QUERY_CANCELED = "57014"  # PostgreSQL: statement_timeout, or a cancel request
-# The database is down, restarting or out of connections: the caller should retry.
-_DATABASE_UNREACHABLE = (OperationalError, InterfaceError, PoolTimeoutError)
+# The database is down, restarting or out of connections (or a statement was cancelled): the
+# errors of psycopg2 and those SQLAlchemy's pool wraps.
+_DATABASE_UNREACHABLE = (
+    psycopg2.OperationalError,
+    psycopg2.InterfaceError,
+    OperationalError,
+    InterfaceError,
+    PoolTimeoutError,
+)
 
 
 class RpcBoundary(grpc.ServerInterceptor):  # type: ignore[type-arg]
@@ -71,10 +79,12 @@ class RpcBoundary(grpc.ServerInterceptor):  # type: ignore[type-arg]
 
 
 def _database_failure(error: Exception, scope: CallScope, method: str) -> ServiceError:
-    if getattr(getattr(error, "orig", None), "pgcode", None) == QUERY_CANCELED:
+    if getattr(getattr(error, "orig", error), "pgcode", None) == QUERY_CANCELED:
+        if scope.deadline_passed():
+            return DeadlineExceeded("a database statement ran past the call's deadline")
         if scope.cancelled:
             return Cancelled("the call was cancelled")
-        return DeadlineExceeded("a database statement ran past the call's deadline")
+        return DeadlineExceeded("a database statement ran past DB_STATEMENT_TIMEOUT_SECONDS")
     log.warning("database unreachable", exc_info=True, extra={"fields": {"method": method}})
     return Unavailable(
         "the database is unreachable; retry with backoff", reason="DATABASE_UNAVAILABLE"

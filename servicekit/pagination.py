@@ -10,16 +10,13 @@ import base64
 import binascii
 import json
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TypeVar
-
-from sqlalchemy import Select, tuple_
-from sqlalchemy.orm import InstrumentedAttribute, Session
+from typing import Generic, Protocol, TypeVar
 
 from servicekit.errors import InvalidArgument
-
-Row = TypeVar("Row")
+from servicekit.sql import Database
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -80,23 +77,51 @@ def decode_page_token(token: str, list_filter: str) -> Cursor | None:
         raise invalid from None
 
 
+class Listed(Protocol):
+    """A row of a list: lists are ordered by (create_time, id)."""
+
+    @property
+    def create_time(self) -> datetime: ...
+
+    @property
+    def id(self) -> uuid.UUID: ...
+
+
+ListedRow = TypeVar("ListedRow", bound=Listed)
+
+
+@dataclass(frozen=True)
+class ListQuery(Generic[ListedRow]):
+    """`SELECT <columns of row_type> FROM <table> WHERE <column> = <value> AND …`."""
+
+    table: str
+    row_type: Callable[..., ListedRow]
+    columns: str
+    equal_to: Mapping[str, object]
+
+
 def fetch_page(
-    session: Session,
-    query: Select[Row],
-    order_columns: tuple[InstrumentedAttribute[datetime], InstrumentedAttribute[uuid.UUID]],
+    database: Database,
+    query: ListQuery[ListedRow],
     requested_page_size: int,
     page_token: str,
     list_filter: str,
-) -> tuple[list[Row], str]:
-    """One page of `query` in (create_time, id) order, and the next page's token ("" at the end)."""
+) -> tuple[list[ListedRow], str]:
+    """One page in (create_time, id) order, and the next page's token ("" at the end)."""
     size = page_size(requested_page_size)
     cursor = decode_page_token(page_token, list_filter)
-    create_time, row_id = order_columns
+    conditions = [f"{column} = %({column})s" for column in query.equal_to]
+    params: dict[str, object] = {**query.equal_to, "limit": size + 1}
     if cursor is not None:
-        query = query.where(tuple_(create_time, row_id) > tuple_(cursor.create_time, cursor.id))
-    rows = list(session.scalars(query.order_by(create_time, row_id).limit(size + 1)))
+        conditions.append("(create_time, id) > (%(after_time)s, %(after_id)s::uuid)")
+        params |= {"after_time": cursor.create_time, "after_id": cursor.id}
+    where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+    sql = (
+        f"SELECT {query.columns} FROM {query.table}{where} ORDER BY create_time, id LIMIT %(limit)s"
+    )
+    rows = [query.row_type(*row) for row in database.fetch_all(sql, params)]
     if len(rows) <= size:
         return rows, ""
     last = rows[size - 1]
-    next_cursor = Cursor(create_time=getattr(last, create_time.key), id=getattr(last, row_id.key))
+    next_cursor = Cursor(create_time=last.create_time, id=last.id)
     return rows[:size], encode_page_token(next_cursor, list_filter)

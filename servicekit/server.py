@@ -16,11 +16,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy import Engine
 
-from servicekit.db import SessionFactory, create_db_engine, database_answers, session_factory
+from servicekit.db import create_db_engine, database_answers
 from servicekit.interceptors import RpcBoundary
 from servicekit.jsonlog import configure_logging
 from servicekit.outbox import OutboxRelay
 from servicekit.settings import ServiceSettings, SettingsError
+from servicekit.sql import Database
 
 log = logging.getLogger("servicekit.server")
 
@@ -37,7 +38,7 @@ class ServiceDefinition:
 class ServiceResources:
     """What a servicer is built from."""
 
-    sessions: SessionFactory
+    database: Database
     settings: ServiceSettings
 
     @property
@@ -140,7 +141,7 @@ def start_service(definition: ServiceDefinition, settings: ServiceSettings) -> R
     )
     definition.register(
         server,
-        ServiceResources(session_factory(engine, settings.db_statement_timeout_seconds), settings),
+        ServiceResources(Database(engine), settings),
     )
     health_servicer = _add_health_and_reflection(server, definition.full_name)
     try:

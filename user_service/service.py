@@ -3,54 +3,60 @@
 from __future__ import annotations
 
 import logging
+import uuid
+from datetime import UTC, datetime
+from typing import NamedTuple
 
 import grpc
 from ecommerce.events.v1 import events_pb2
 from ecommerce.v1 import users_pb2, users_pb2_grpc
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from psycopg2 import IntegrityError
 
 from servicekit.db import violated_constraint
 from servicekit.errors import AlreadyExists, NotFound
 from servicekit.fields import parse_id, parse_request_id, to_timestamp
-from servicekit.idempotency import create_once
+from servicekit.idempotency import Creation, create_once
 from servicekit.jsonlog import mask_email
-from servicekit.models import UserRecord
-from servicekit.outbox import new_event_id, stage_event
-from servicekit.pagination import fetch_page
+from servicekit.outbox import event_params, new_event_id, stage_event_after
+from servicekit.pagination import ListQuery, fetch_page
 from servicekit.server import ServiceDefinition, ServiceResources
 from user_service.validation import normalise_email, normalise_name
 
 log = logging.getLogger("user_service")
 
 
-def user_message(record: UserRecord) -> users_pb2.User:
+class UserRow(NamedTuple):
+    """A `users` row, as the statements below select it."""
+
+    id: uuid.UUID
+    email: str
+    name: str
+    create_time: datetime
+
+
+USER_COLUMNS = ", ".join(UserRow._fields)
+SELECT_USER = f"SELECT {USER_COLUMNS} FROM users WHERE id = %(id)s::uuid"
+SELECT_USER_OF_REQUEST = f"SELECT {USER_COLUMNS} FROM users WHERE request_id = %(request_id)s"
+INSERT_ANNOUNCED_USER = f"""
+WITH new_user AS (
+    INSERT INTO users ({USER_COLUMNS}, request_id)
+    VALUES (%(id)s, %(email)s, %(name)s, %(create_time)s, %(request_id)s)
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING id
+) {stage_event_after("new_user")}"""
+
+
+def user_message(row: UserRow) -> users_pb2.User:
     return users_pb2.User(
-        id=str(record.id),
-        email=record.email,
-        name=record.name,
-        create_time=to_timestamp(record.create_time),
+        id=str(row.id), email=row.email, name=row.name, create_time=to_timestamp(row.create_time)
     )
 
 
 class UserServicer(users_pb2_grpc.UserServiceServicer):
     def __init__(self, resources: ServiceResources) -> None:
-        self._sessions = resources.sessions
+        self._database = resources.database
         self._users_topic = resources.settings.kafka.users_topic
         self._event_source = resources.event_source
-
-    def _announce(self, session: Session, record: UserRecord) -> None:
-        user = user_message(record)
-        stage_event(
-            session,
-            topic=self._users_topic,
-            key=user.id,
-            source=self._event_source,
-            event=events_pb2.UserCreated(
-                event_id=new_event_id(), user=user, occur_time=user.create_time
-            ),
-        )
 
     def CreateUser(
         self, request: users_pb2.CreateUserRequest, context: grpc.ServicerContext
@@ -58,49 +64,60 @@ class UserServicer(users_pb2_grpc.UserServiceServicer):
         email = normalise_email(request.email)
         name = normalise_name(request.name)
         request_id = parse_request_id(request.request_id)
+        new_user = UserRow(uuid.uuid4(), email, name, datetime.now(UTC))
+        user = user_message(new_user)
+        created = events_pb2.UserCreated(
+            event_id=new_event_id(), user=user, occur_time=user.create_time
+        )
+        creation = Creation(
+            new_row=new_user,
+            insert_sql=INSERT_ANNOUNCED_USER,
+            params={
+                **new_user._asdict(),
+                "request_id": request_id,
+                **event_params(
+                    topic=self._users_topic, key=user.id, source=self._event_source, event=created
+                ),
+            },
+            request_id=request_id,
+            find_sql=SELECT_USER_OF_REQUEST,
+            row_type=UserRow,
+            same_request=lambda earlier: (earlier.email, earlier.name) == (email, name),
+        )
         try:
-            record = create_once(
-                self._sessions,
-                UserRecord(email=email, name=name, request_id=request_id),
-                same_request=lambda earlier: (earlier.email, earlier.name) == (email, name),
-                in_same_transaction=self._announce,
-            )
+            row = create_once(self._database, creation)
         except IntegrityError as error:
             if violated_constraint(error) == "users_email_key":
                 raise AlreadyExists(
                     "a user with this email already exists", reason="EMAIL_ALREADY_REGISTERED"
                 ) from None
             raise
-        log.info(
-            "user created",
-            extra={"fields": {"user_id": str(record.id), "email": mask_email(email)}},
-        )
-        return user_message(record)
+        if row is not new_user:
+            return user_message(row)
+        log.info("user created", extra={"fields": {"user_id": user.id, "email": mask_email(email)}})
+        return user
 
     def GetUser(
         self, request: users_pb2.GetUserRequest, context: grpc.ServicerContext
     ) -> users_pb2.User:
         user_id = parse_id(request.id)
-        with self._sessions() as session:
-            record = session.get(UserRecord, user_id)
-        if record is None:
+        row = self._database.fetch_one(SELECT_USER, {"id": user_id})
+        if row is None:
             raise NotFound(f"user {user_id} does not exist", reason="USER_NOT_FOUND")
-        return user_message(record)
+        return user_message(UserRow(*row))
 
     def ListUsers(
         self, request: users_pb2.ListUsersRequest, context: grpc.ServicerContext
     ) -> users_pb2.ListUsersResponse:
-        with self._sessions() as session:
-            records, next_page_token = fetch_page(
-                session,
-                select(UserRecord),
-                (UserRecord.create_time, UserRecord.id),
-                request.page_size,
-                request.page_token,
-                list_filter="",
-            )
+        rows, next_page_token = fetch_page(
+            self._database,
+            ListQuery("users", UserRow, USER_COLUMNS, equal_to={}),
+            request.page_size,
+            request.page_token,
+            list_filter="",
+        )
         return users_pb2.ListUsersResponse(
-            users=[user_message(record) for record in records], next_page_token=next_page_token
+            users=[user_message(row) for row in rows], next_page_token=next_page_token
         )
 
 
