@@ -22,7 +22,7 @@ from order_service.status import (
     status_to_column,
 )
 from servicekit.db import violated_constraint
-from servicekit.errors import InvalidArgument, NotFound
+from servicekit.errors import Aborted, InvalidArgument, NotFound
 from servicekit.fields import check_printable, parse_id, parse_request_id, to_timestamp
 from servicekit.idempotency import Creation, create_once
 from servicekit.money import decimal_to_money, money_to_decimal
@@ -50,7 +50,6 @@ class OrderRow(NamedTuple):
 
 ORDER_COLUMNS = ", ".join(OrderRow._fields)
 SELECT_ORDER = f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = %(id)s::uuid"
-SELECT_ORDER_FOR_UPDATE = f"{SELECT_ORDER} FOR UPDATE"
 SELECT_ORDER_OF_REQUEST = f"SELECT {ORDER_COLUMNS} FROM orders WHERE request_id = %(request_id)s"
 INSERT_ANNOUNCED_ORDER = f"""
 WITH new_order AS (
@@ -60,16 +59,21 @@ WITH new_order AS (
     ON CONFLICT (request_id) DO NOTHING
     RETURNING id
 ) {stage_event_after("new_order")}"""
+# Optimistic: the change applies only if the order is still in the status it was read in, so of
+# concurrent changes exactly one wins, without a transaction held open across round trips.
 CHANGE_ANNOUNCED_STATUS = f"""
 WITH changed AS (
     UPDATE orders SET status = %(status)s, status_reason = %(reason)s, update_time = %(now)s
-    WHERE id = %(id)s::uuid
+    WHERE id = %(id)s AND status = %(old_status)s
     RETURNING id
 ), history AS (
     INSERT INTO order_status_changes
         (order_id, old_status, new_status, reason, event_id, change_time)
     SELECT id, %(old_status)s, %(status)s, %(reason)s, %(event_id)s::uuid, %(now)s FROM changed
 ) {stage_event_after("changed")}"""
+# Attempts of UpdateOrderStatus when concurrent changes keep winning (with this lifecycle the
+# second attempt always decides: the winner left the order in a final status).
+MAX_CHANGE_ATTEMPTS = 3
 
 
 def order_message(row: OrderRow) -> orders_pb2.Order:
@@ -157,11 +161,7 @@ class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
     def GetOrder(
         self, request: orders_pb2.GetOrderRequest, context: grpc.ServicerContext
     ) -> orders_pb2.Order:
-        order_id = parse_id(request.id)
-        row = self._database.fetch_one(SELECT_ORDER, {"id": order_id})
-        if row is None:
-            raise NotFound(f"order {order_id} does not exist", reason="ORDER_NOT_FOUND")
-        return order_message(OrderRow(*row))
+        return order_message(self._read_order(parse_id(request.id)))
 
     def ListOrders(
         self, request: orders_pb2.ListOrdersRequest, context: grpc.ServicerContext
@@ -188,29 +188,45 @@ class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
         reason = check_printable(request.reason.strip(), "reason", allow_line_breaks=True)
         if len(reason) > MAX_REASON_LENGTH:
             raise InvalidArgument("reason", f"must be at most {MAX_REASON_LENGTH} characters")
-        with self._database.transaction() as cursor:
-            # The row lock serialises concurrent updates of one order, so exactly one wins.
-            cursor.execute(SELECT_ORDER_FOR_UPDATE, {"id": order_id})
-            found = cursor.fetchone()
-            if found is None:
-                raise NotFound(f"order {order_id} does not exist", reason="ORDER_NOT_FOUND")
-            current = OrderRow(*found)
-            previous = status_from_column(current.status)
-            if not order_status_transition(previous, requested):
+        for _attempt in range(MAX_CHANGE_ATTEMPTS):
+            current = self._read_order(order_id)
+            if not order_status_transition(status_from_column(current.status), requested):
                 return order_message(current)
-            changed = current._replace(
-                status=status_to_column(requested),
-                status_reason=reason,
-                update_time=max(datetime.now(UTC), current.create_time),
-            )
-            cursor.execute(CHANGE_ANNOUNCED_STATUS, self._change_params(changed, previous))
+            if (changed := self._change_status(current, requested, reason)) is not None:
+                return order_message(changed)
+        raise Aborted(
+            f"order {order_id} kept changing concurrently; retry", reason="CONCURRENT_CHANGE"
+        )
+
+    def _change_status(
+        self, current: OrderRow, requested: OrderStatus, reason: str
+    ) -> OrderRow | None:
+        """Writes the change, its history row and its event; None if a concurrent change won."""
+        changed = current._replace(
+            status=status_to_column(requested),
+            status_reason=reason,
+            update_time=max(datetime.now(UTC), current.create_time),
+        )
+        params = self._change_params(changed, status_from_column(current.status))
+        if self._database.fetch_one(CHANGE_ANNOUNCED_STATUS, params) is None:
+            return None
         log.info(
             "order status changed",
             extra={
-                "fields": {"order_id": str(order_id), "from": current.status, "to": changed.status}
+                "fields": {
+                    "order_id": str(current.id),
+                    "from": current.status,
+                    "to": changed.status,
+                }
             },
         )
-        return order_message(changed)
+        return changed
+
+    def _read_order(self, order_id: uuid.UUID) -> OrderRow:
+        row = self._database.fetch_one(SELECT_ORDER, {"id": order_id})
+        if row is None:
+            raise NotFound(f"order {order_id} does not exist", reason="ORDER_NOT_FOUND")
+        return OrderRow(*row)
 
     def _change_params(self, changed: OrderRow, previous: OrderStatus) -> dict[str, object]:
         """The history row and the OrderStatusChanged event, written with the change."""

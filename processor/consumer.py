@@ -140,7 +140,7 @@ class OrderEventProcessor:
         try:
             while not self._stop.is_set():
                 batch = []
-                for message in self._consumer.consume(self._batch_size, timeout=0.5):
+                for message in self._next_batch():
                     error = message.error()
                     if error is None:
                         batch.append(message)
@@ -151,6 +151,14 @@ class OrderEventProcessor:
         finally:
             self._workers.shutdown(wait=True)
         self._commit()
+
+    def _next_batch(self) -> list[Message]:
+        """What has arrived, up to batch_size, as soon as there is something. (`consume` with a
+        timeout waits for a full batch or the timeout: half a second per order at low rates.)"""
+        first = self._consumer.poll(0.5)
+        if first is None:
+            return []
+        return [first, *self._consumer.consume(self._batch_size - 1, timeout=0)]
 
     def _handle_batch(self, batch: list[Message]) -> set[int]:
         """Handles the batch, one key's messages in order and different keys concurrently;

@@ -33,7 +33,7 @@ def create_db_engine(settings: ServiceSettings) -> Engine:
     engine = create_engine(
         settings.database_url,
         pool_size=settings.db_pool_size,
-        max_overflow=settings.db_pool_size,
+        max_overflow=4,  # overflow connections are closed at check-in: bursts only
         connect_args={
             "connect_timeout": 3,
             "application_name": settings.service_name,

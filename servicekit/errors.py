@@ -94,6 +94,13 @@ class FailedPrecondition(ServiceError):
     default_reason = "FAILED_PRECONDITION"
 
 
+class Aborted(ServiceError):
+    """A concurrent change got in the way; the whole request may be retried."""
+
+    code = grpc.StatusCode.ABORTED
+    default_reason = "ABORTED"
+
+
 class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
     default_reason = "UNAVAILABLE"

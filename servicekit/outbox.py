@@ -158,6 +158,9 @@ class OutboxRelay:
         try:
             connection.autocommit = True
             with connection.cursor() as cursor:
+                # A publish mark lost in a crash only means the event is published again, which
+                # consumers tolerate: the relay's cycle need not wait for the WAL flush.
+                cursor.execute("SET synchronous_commit = off")
                 cursor.execute("SELECT pg_try_advisory_lock(%s)", (RELAY_LOCK_KEY,))
                 (is_leader,) = cursor.fetchone() or (False,)
                 if not is_leader:
