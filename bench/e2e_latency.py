@@ -48,7 +48,6 @@ class StatusWatcher:
                 "bootstrap.servers": self.kafka.bootstrap_servers,
                 "group.id": f"bench-{uuid.uuid4().hex[:8]}",
                 "enable.auto.commit": False,
-                "fetch.wait.max.ms": 10,
             }
         )
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
@@ -77,6 +76,8 @@ class E2eLatency:
     completed: int
     recorded_ms: dict[str, float]  # CreateOrder -> UpdateOrderStatus (the service's clock)
     observed_ms: dict[str, float]  # CreateOrder call -> OrderStatusChanged seen on the topic
+    sent_per_second: float  # the rate CreateOrder was actually called at
+    processed_per_second: float  # orders that reached PROCESSED, from first call to last event
 
 
 def _send_at_rate(
@@ -146,7 +147,17 @@ def measure(
         for i in done
     ]
     observed = [(watcher.seen[i][0] - sent[i][0]) * 1000 for i in done]
-    return E2eLatency(len(sent), len(done), percentiles(recorded), percentiles(observed))
+    first_sent = min(at for at, _ in sent.values())
+    last_sent = max(at for at, _ in sent.values())
+    last_seen = max(watcher.seen[i][0] for i in done)
+    return E2eLatency(
+        len(sent),
+        len(done),
+        percentiles(recorded),
+        percentiles(observed),
+        sent_per_second=len(sent) / max(last_sent - first_sent, 1e-9),
+        processed_per_second=len(done) / max(last_seen - first_sent, 1e-9),
+    )
 
 
 def main() -> None:
@@ -170,7 +181,10 @@ def main() -> None:
         args.timeout,
         args.users,
     )
-    print(f"orders sent: {result.sent} at {args.rate:g}/s; terminal: {result.completed}")
+    print(
+        f"orders sent: {result.sent} at {result.sent_per_second:.0f}/s (asked {args.rate:g}/s);"
+        f" terminal: {result.completed}, {result.processed_per_second:.0f}/s"
+    )
     print(f"{'latency (ms)':<28}{'p50':>9}{'p95':>9}{'p99':>9}{'max':>9}")
     for label, cut in (
         ("recorded (create->processed)", result.recorded_ms),

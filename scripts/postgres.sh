@@ -7,7 +7,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 port=${PGPORT:-55432}
 db_user=${PGUSER_APP:-ecommerce}
-databases=(ecommerce ecommerce_test ecommerce_chaos ecommerce_bench)
+databases=(ecommerce ecommerce_test ecommerce_chaos ecommerce_bench ecommerce_pgbench)
 
 # PostgreSQL refuses to run as root, so the cluster belongs to the `postgres` user. It lives in the
 # repo's .local/ folder when that user can reach it, otherwise in a folder of its own under /var/tmp.

@@ -176,6 +176,9 @@ class OutboxRelay:
                     continue  # more are waiting
                 self._clean_up_if_due(connection)
                 _wait_for_notification(connection, self._outbox.poll_interval_seconds)
+                # Let the commits of a burst gather into one batch: one query, one produce
+                # request and one mark for many events instead of one each.
+                self._stopped.wait(self._outbox.linger_seconds)
         finally:
             connection.close()  # also releases the advisory lock
 

@@ -87,6 +87,7 @@ class OutboxSettings:
     relay_enabled: bool
     batch_size: int
     poll_interval_seconds: float
+    linger_seconds: float
     retention_seconds: float
     publish_timeout_seconds: float
 
@@ -96,6 +97,7 @@ class OutboxSettings:
             relay_enabled=env_bool(env, "OUTBOX_RELAY_ENABLED", True),
             batch_size=env_int(env, "OUTBOX_BATCH_SIZE", 500, minimum=1),
             poll_interval_seconds=env_float(env, "OUTBOX_POLL_INTERVAL_SECONDS", 1.0),
+            linger_seconds=env_float(env, "OUTBOX_LINGER_SECONDS", 0.005),
             retention_seconds=env_float(env, "OUTBOX_RETENTION_SECONDS", 3600.0),
             publish_timeout_seconds=env_float(env, "OUTBOX_PUBLISH_TIMEOUT_SECONDS", 10.0),
         )

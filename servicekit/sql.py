@@ -5,6 +5,9 @@ Session costs ~0.9 ms of CPU, the same read on a pooled psycopg2 cursor ~0.2 ms.
 bound by one core (the GIL), so that is most of an RPC's cost. The models in servicekit.models
 stay the schema (Alembic, tests); handlers write their few statements in SQL.
 
+Every statement runs in autocommit: one round trip, atomic on its own. Changes that belong together
+are one statement (`WITH … INSERT …`), so no transaction is held open across round trips.
+
 Connections come from the engine's pool (which pings idle ones and replaces those whose statement
 was cancelled) and belong to the current call while in use (servicekit.call_scope), so a call
 that ends early has its statement cancelled.
@@ -31,40 +34,27 @@ class Database:
         self._engine = engine
 
     def fetch_one(self, sql: str, params: Params) -> Row | None:
-        """Runs one statement in autocommit: one round trip, atomic on its own."""
-        with self._connection(autocommit=True) as connection, connection.cursor() as cursor:
+        """The first row the statement returns, or None."""
+        with self._connection() as connection, connection.cursor() as cursor:
             cursor.execute(sql, params)
             row: Row | None = cursor.fetchone()
             return row
 
     def fetch_all(self, sql: str, params: Params) -> list[Row]:
-        with self._connection(autocommit=True) as connection, connection.cursor() as cursor:
+        with self._connection() as connection, connection.cursor() as cursor:
             cursor.execute(sql, params)
             rows: list[Row] = cursor.fetchall()
             return rows
 
     @contextmanager
-    def transaction(self) -> Iterator[psycopg2.extensions.cursor]:
-        """Several statements in one transaction: commits on success, rolls back on any error."""
-        with self._connection(autocommit=False) as connection:
-            try:
-                with connection.cursor() as cursor:
-                    yield cursor
-                connection.commit()
-            except BaseException:
-                if not connection.closed:
-                    connection.rollback()
-                raise
-
-    @contextmanager
-    def _connection(self, autocommit: bool) -> Iterator[psycopg2.extensions.connection]:
+    def _connection(self) -> Iterator[psycopg2.extensions.connection]:
         scope = CallScope.current()
         if scope is not None:
             scope.check_deadline()
         pooled = self._engine.raw_connection()
         connection: psycopg2.extensions.connection = pooled.driver_connection
         try:
-            connection.autocommit = autocommit
+            connection.autocommit = True
             if scope is None:
                 yield connection
                 return
