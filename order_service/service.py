@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -21,6 +20,7 @@ from order_service.status import (
     status_from_column,
     status_to_column,
 )
+from servicekit.call_scope import annotate_log
 from servicekit.db import violated_constraint
 from servicekit.errors import Aborted, InvalidArgument, NotFound
 from servicekit.fields import check_printable, parse_id, parse_request_id, to_timestamp
@@ -29,8 +29,6 @@ from servicekit.money import decimal_to_money, money_to_decimal
 from servicekit.outbox import Event, event_params, new_event_id, stage_event_after
 from servicekit.pagination import ListQuery, fetch_page
 from servicekit.server import ServiceDefinition, ServiceResources
-
-log = logging.getLogger("order_service")
 
 MAX_REASON_LENGTH = 1000
 
@@ -154,7 +152,7 @@ class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
                 raise NotFound(f"user {user_id} does not exist", reason="USER_NOT_FOUND") from None
             raise
         if row is new_order:
-            log.info("order created", extra={"fields": {"order_id": order.id}})
+            annotate_log(order_id=order.id)
             return order
         return order_message(row)
 
@@ -210,16 +208,7 @@ class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
         params = self._change_params(changed, status_from_column(current.status))
         if self._database.fetch_one(CHANGE_ANNOUNCED_STATUS, params) is None:
             return None
-        log.info(
-            "order status changed",
-            extra={
-                "fields": {
-                    "order_id": str(current.id),
-                    "from": current.status,
-                    "to": changed.status,
-                }
-            },
-        )
+        annotate_log(status_from=current.status, status_to=changed.status)
         return changed
 
     def _read_order(self, order_id: uuid.UUID) -> OrderRow:

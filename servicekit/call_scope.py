@@ -32,6 +32,7 @@ class CallScope:
         self._running = True
         self._lock = threading.Lock()
         self._connections: dict[int, Any] = {}  # id(owner) -> DBAPI connection in use
+        self.log_fields: dict[str, object] = {}  # added to the call's access-log line
 
     @staticmethod
     def current() -> CallScope | None:
@@ -76,6 +77,13 @@ class CallScope:
             with self._lock:
                 self._running = False
             _current.reset(token)
+
+
+def annotate_log(**fields: object) -> None:
+    """Adds fields (ids, outcomes) to the current call's one access-log line."""
+    scope = _current.get()
+    if scope is not None:
+        scope.log_fields.update(fields)
 
 
 # DBAPI connections whose statement was cancelled; the pool discards them at their next checkout.

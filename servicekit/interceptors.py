@@ -69,7 +69,7 @@ class RpcBoundary(grpc.ServerInterceptor):  # type: ignore[type-arg]
                 code = grpc.StatusCode.INTERNAL
                 context.abort(code, "internal error; it has been logged")
             finally:
-                _log_rpc(method, code, started, request)
+                _log_rpc(method, code, started, request, scope.log_fields)
 
         return grpc.unary_unary_rpc_method_handler(
             observed,
@@ -91,7 +91,15 @@ def _database_failure(error: Exception, scope: CallScope, method: str) -> Servic
     )
 
 
-def _log_rpc(method: str, code: grpc.StatusCode, started: float, request: Any) -> None:
+def _log_rpc(
+    method: str,
+    code: grpc.StatusCode,
+    started: float,
+    request: Any,
+    annotations: dict[str, object],
+) -> None:
+    """The call's one log line: what was asked, what came of it (handlers add to it through
+    call_scope.annotate_log), how long it took."""
     fields: dict[str, Any] = {
         "method": method,
         "code": code.name,
@@ -101,6 +109,7 @@ def _log_rpc(method: str, code: grpc.StatusCode, started: float, request: Any) -
     for name in _LOGGED_ID_FIELDS:
         if name in declared and getattr(request, name):
             fields[name] = getattr(request, name)
+    fields.update(annotations)
     log.info("rpc", extra={"fields": fields})
 
 

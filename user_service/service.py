@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import uuid
 from datetime import UTC, datetime
 from typing import NamedTuple
@@ -12,6 +11,7 @@ from ecommerce.events.v1 import events_pb2
 from ecommerce.v1 import users_pb2, users_pb2_grpc
 from psycopg2 import IntegrityError
 
+from servicekit.call_scope import annotate_log
 from servicekit.db import violated_constraint
 from servicekit.errors import AlreadyExists, NotFound
 from servicekit.fields import parse_id, parse_request_id, to_timestamp
@@ -21,8 +21,6 @@ from servicekit.outbox import event_params, new_event_id, stage_event_after
 from servicekit.pagination import ListQuery, fetch_page
 from servicekit.server import ServiceDefinition, ServiceResources
 from user_service.validation import normalise_email, normalise_name
-
-log = logging.getLogger("user_service")
 
 
 class UserRow(NamedTuple):
@@ -94,7 +92,7 @@ class UserServicer(users_pb2_grpc.UserServiceServicer):
             raise
         if row is not new_user:
             return user_message(row)
-        log.info("user created", extra={"fields": {"user_id": user.id, "email": mask_email(email)}})
+        annotate_log(user_id=user.id, email=mask_email(email))
         return user
 
     def GetUser(
