@@ -32,7 +32,6 @@ from sqlalchemy import create_engine, text
 from bench.e2e_latency import measure
 from chaos.processes import REPO, wait_until
 from chaos.stack import Stack
-from order_service.service import INSERT_ANNOUNCED_ORDER
 from servicekit.schema import recreate_disposable_database
 
 BENCH_DATABASE_URL = "postgresql+psycopg2://ecommerce@127.0.0.1:55432/ecommerce_bench"
@@ -107,6 +106,8 @@ def create_order_script(user_id: str, payload: bytes) -> str:
         "event_key": f"'{user_id}'",
         "event_payload": f"'\\x{payload.hex()}'::bytea",
     }
+    from order_service.service import INSERT_ANNOUNCED_ORDER  # see data_access_rows
+
     sql = re.sub(r"%\((\w+)\)s", lambda m: values[m.group(1)], INSERT_ANNOUNCED_ORDER)
     return f"\\set units random(1, 100)\n{sql.strip()};\n"
 
@@ -243,9 +244,7 @@ def row(name: str, concurrency: int, figures: RpcFigures, ceiling: RpcFigures) -
     )
 
 
-def ceiling_rows(
-    user_id: str, bootstrap: str, create_order: dict[int, float], seconds: int
-) -> list[str]:
+def ceiling_rows(bootstrap: str, create_order: dict[int, float], seconds: int) -> list[str]:
     rows = [
         "| ceiling | concurrency | per second | CreateOrder ÷ ceiling |",
         "|---|---:|---:|---:|",
@@ -271,16 +270,18 @@ def wait_for_backlog(database_url: str, timeout: float = 600) -> None:
         engine.dispose()
 
 
-def e2e_rows(stack: Stack, best_create_rate: float) -> list[str]:
-    """Latency at half the best CreateOrder rate, then the pipeline at the full rate: whether it
-    keeps up (processed/s against sent/s) and what that does to latency."""
+def e2e_rows(stack: Stack, best_create_rate: float, shares: list[float]) -> list[str]:
+    """Latency at shares of the best CreateOrder rate (by default half, then full: whether the
+    pipeline keeps up, processed/s against sent/s, and what that does to latency)."""
     users_at, orders_at = stack.address("user_service"), stack.address("order_service")
     rows = [
         "| offered orders/s | sent/s | processed/s | terminal | latency ms"
         " | p50 | p95 | p99 | max |",
         "|---|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
-    for label, rate in (("half", best_create_rate / 2), ("full", best_create_rate)):
+    for share in shares:
+        rate = best_create_rate * share
+        label = {0.5: "half", 1.0: "full"}.get(share, f"{share:g}")
         wait_for_backlog(stack.database_url)
         e2e = measure(stack.kafka, users_at, orders_at, int(min(5000, rate * 10)), rate, 120)
         for cut_label, cut in (
@@ -296,7 +297,14 @@ def e2e_rows(stack: Stack, best_create_rate: float) -> list[str]:
     return rows
 
 
-def run(stack: Stack, concurrencies: list[int], seconds: int) -> list[str]:
+def data_access_rows(database_url: str) -> list[str]:
+    # Imported when used: `--skip ceilings data` measures revisions that predate servicekit.sql.
+    from bench.data_access import data_access_rows as rows
+
+    return rows(database_url)
+
+
+def run(stack: Stack, args: argparse.Namespace) -> list[str]:
     users_at, orders_at = stack.address("user_service"), stack.address("order_service")
     user_id, order_id = seed(users_at, orders_at)
     calls: dict[str, Call] = {
@@ -315,17 +323,23 @@ def run(stack: Stack, concurrencies: list[int], seconds: int) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     create_order: dict[int, float] = {}
-    for concurrency in concurrencies:
-        rows, create_order[concurrency] = rpc_rows(stack, calls, concurrency, seconds)
+    for concurrency in args.concurrency:
+        rows, create_order[concurrency] = rpc_rows(stack, calls, concurrency, args.seconds)
         lines += rows
-    lines += ["", *ceiling_rows(user_id, stack.kafka.bootstrap_servers, create_order, seconds)]
-    lines += [
-        "",
-        "End to end (orders of 32 users, sent open-loop at a fixed rate; the best CreateOrder rate"
-        " above is 'full'):",
-        "",
-        *e2e_rows(stack, max(20.0, max(create_order.values()))),
-    ]
+    best_create_rate = max(create_order.values())
+    if "ceilings" not in args.skip:
+        lines += ["", *ceiling_rows(stack.kafka.bootstrap_servers, create_order, args.seconds)]
+    if "e2e" not in args.skip:
+        lines += [
+            "",
+            "End to end (orders of 32 users, sent open-loop at a fixed rate; 'full' is the best"
+            " CreateOrder rate above):",
+            "",
+            *e2e_rows(stack, max(20.0, best_create_rate), args.e2e_shares),
+        ]
+    if "data" not in args.skip:
+        lines += ["", "Data access on the request path (`python -m bench.data_access`):", ""]
+        lines += data_access_rows(stack.database_url)
     lines += ["", "| process | peak RSS MB |", "|---|---:|"]
     lines += [
         f"| {name} | {peak_rss_mb(process.process.pid):.0f} |"
@@ -334,10 +348,32 @@ def run(stack: Stack, concurrencies: list[int], seconds: int) -> list[str]:
     return lines
 
 
+# What `make bench` rewrites ends here: the hand-written history below it is kept.
+HISTORY_HEADING = "\n## Optimisations"
+
+
+def write_results(path: Path, args: argparse.Namespace, report: str) -> None:
+    previous = path.read_text() if path.exists() else ""
+    history = previous[previous.index(HISTORY_HEADING) :] if HISTORY_HEADING in previous else ""
+    path.write_text(
+        f"# Benchmarks\n\n`make bench` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {machine()},"
+        f" load generator (ghz, {args.seconds} s per row) on the same machine.\n\n{report}\n"
+        f"{history}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--seconds", type=int, default=5, help="per RPC measurement")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
+    parser.add_argument(
+        "--e2e-shares", type=float, nargs="+", default=[0.5, 1.0],
+        help="end-to-end runs, as shares of the best CreateOrder rate",
+    )  # fmt: skip
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["ceilings", "e2e", "data"],
+        help="parts to leave out (the RPC rows always run)",
+    )  # fmt: skip
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "RESULTS.md")
     args = parser.parse_args()
     if not GHZ.exists():
@@ -346,14 +382,11 @@ def main() -> None:
     stack.prepare()
     try:
         stack.start_all()
-        report = "\n".join(run(stack, args.concurrency, args.seconds))
+        report = "\n".join(run(stack, args))
     finally:
         stack.stop_all()
     print(report)
-    args.results.write_text(
-        f"# Benchmarks\n\n`make bench` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {machine()},"
-        f" load generator (ghz, {args.seconds} s per row) on the same machine.\n\n{report}\n"
-    )
+    write_results(args.results, args, report)
 
 
 if __name__ == "__main__":

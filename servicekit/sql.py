@@ -1,9 +1,10 @@
 """SQL on the request path: statements run on pooled psycopg2 connections, without the ORM.
 
-Measured on this machine (bench/RESULTS.md, "Data access"): a primary-key read through an ORM
-Session costs ~0.9 ms of CPU, the same read on a pooled psycopg2 cursor ~0.2 ms. A service is
-bound by one core (the GIL), so that is most of an RPC's cost. The models in servicekit.models
-stay the schema (Alembic, tests); handlers write their few statements in SQL.
+Measured (`python -m bench.data_access`, bench/RESULTS.md): a primary-key read costs about four
+times the client CPU through an ORM Session, and twice through SQLAlchemy Core, what it costs on a
+pooled psycopg2 cursor. A service is bound by one core (the GIL), so that difference was most of
+an RPC's cost. The models in servicekit.models stay the schema (Alembic, tests); handlers write
+their few statements in SQL.
 
 Every statement runs in autocommit: one round trip, atomic on its own. Changes that belong together
 are one statement (`WITH … INSERT …`), so no transaction is held open across round trips.
