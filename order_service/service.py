@@ -24,7 +24,7 @@ from servicekit.call_scope import annotate_log
 from servicekit.db import violated_constraint
 from servicekit.errors import Aborted, InvalidArgument, NotFound
 from servicekit.fields import check_printable, parse_id, parse_request_id, to_timestamp
-from servicekit.idempotency import Creation, create_once
+from servicekit.idempotency import Creation, create_once, insert_once_sql
 from servicekit.money import decimal_to_money, money_to_decimal
 from servicekit.outbox import Event, event_params, new_event_id, stage_event_after
 from servicekit.pagination import ListQuery, fetch_page
@@ -48,15 +48,7 @@ class OrderRow(NamedTuple):
 
 ORDER_COLUMNS = ", ".join(OrderRow._fields)
 SELECT_ORDER = f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = %(id)s::uuid"
-SELECT_ORDER_OF_REQUEST = f"SELECT {ORDER_COLUMNS} FROM orders WHERE request_id = %(request_id)s"
-INSERT_ANNOUNCED_ORDER = f"""
-WITH new_order AS (
-    INSERT INTO orders ({ORDER_COLUMNS}, request_id)
-    VALUES (%(id)s, %(user_id)s, %(amount)s, %(currency_code)s, %(status)s, '',
-            %(create_time)s, %(create_time)s, %(request_id)s)
-    ON CONFLICT (request_id) DO NOTHING
-    RETURNING id
-) {stage_event_after("new_order")}"""
+INSERT_ANNOUNCED_ORDER = insert_once_sql("orders", OrderRow._fields)
 # Optimistic: the change applies only if the order is still in the status it was read in, so of
 # concurrent changes exactly one wins, without a transaction held open across round trips.
 CHANGE_ANNOUNCED_STATUS = f"""
@@ -130,16 +122,10 @@ class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
             event_id=new_event_id(), order=order, occur_time=order.create_time
         )
         creation = Creation(
+            table="orders",
             new_row=new_order,
-            insert_sql=INSERT_ANNOUNCED_ORDER,
-            params={
-                **new_order._asdict(),
-                "request_id": request_id,
-                **self._event_params(order.user_id, created),
-            },
             request_id=request_id,
-            find_sql=SELECT_ORDER_OF_REQUEST,
-            row_type=OrderRow,
+            event=self._event_params(order.user_id, created),
             same_request=lambda earlier: (
                 (earlier.user_id, earlier.amount, earlier.currency_code)
                 == (user_id, amount, currency_code)

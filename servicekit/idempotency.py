@@ -5,13 +5,15 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from functools import cache
+from typing import Any, Generic, Protocol, TypeVar
 
 from psycopg2 import IntegrityError
 from sqlalchemy import Uuid
 from sqlalchemy.orm import Mapped, mapped_column
 
 from servicekit.errors import InvalidArgument
+from servicekit.outbox import stage_event_after
 from servicekit.sql import Database
 
 
@@ -22,23 +24,44 @@ class RequestIdColumn:
     request_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, unique=True)
 
 
-Created = TypeVar("Created")
+class TableRow(Protocol):
+    """A row as a NamedTuple whose fields are the table's column names."""
+
+    @property
+    def _fields(self) -> tuple[str, ...]: ...
+
+    def _asdict(self) -> dict[str, Any]: ...
+
+
+Created = TypeVar("Created", bound=TableRow)
 
 
 @dataclass(frozen=True)
 class Creation(Generic[Created]):
-    """How to create one row idempotently.
+    """One row to create idempotently, and the event (`outbox.event_params`) that announces it."""
 
-    `insert_sql` inserts with `ON CONFLICT (request_id) DO NOTHING` and returns a row iff it
-    inserted; `find_sql` selects the row of `%(request_id)s` as `row_type`'s fields."""
-
+    table: str
     new_row: Created
-    insert_sql: str
-    params: Mapping[str, object]
     request_id: uuid.UUID | None
-    find_sql: str
-    row_type: Callable[..., Created]
+    event: Mapping[str, object]
     same_request: Callable[[Created], bool]
+
+
+@cache
+def insert_once_sql(table: str, columns: tuple[str, ...]) -> str:
+    """One statement: the row, unless its request_id was used already, and then its event.
+    Returns a row iff it inserted."""
+    values = ", ".join(f"%({column})s" for column in columns)
+    return (
+        f"WITH new_row AS (INSERT INTO {table} ({', '.join(columns)}, request_id)"
+        f" VALUES ({values}, %(request_id)s) ON CONFLICT (request_id) DO NOTHING RETURNING id)"
+        f" {stage_event_after('new_row')}"
+    )
+
+
+@cache
+def _find_sql(table: str, columns: tuple[str, ...]) -> str:
+    return f"SELECT {', '.join(columns)} FROM {table} WHERE request_id = %(request_id)s"
 
 
 def create_once(database: Database, creation: Creation[Created]) -> Created:
@@ -49,9 +72,11 @@ def create_once(database: Database, creation: Creation[Created]) -> Created:
     with other data is refused, since returning the first result would silently drop the second
     request. Other constraint violations propagate as IntegrityError for the caller to map.
     """
+    row = creation.new_row
+    params = {**row._asdict(), "request_id": creation.request_id, **creation.event}
     try:
-        if database.fetch_one(creation.insert_sql, creation.params) is not None:
-            return creation.new_row
+        if database.fetch_one(insert_once_sql(creation.table, row._fields), params) is not None:
+            return row
     except IntegrityError:
         # A concurrent retry committed first, and which unique index reports the clash
         # (request_id, or e.g. the email it also carries) depends on index order.
@@ -67,10 +92,11 @@ def create_once(database: Database, creation: Creation[Created]) -> Created:
 def _created_by(database: Database, creation: Creation[Created]) -> Created | None:
     if creation.request_id is None:
         return None
-    row = database.fetch_one(creation.find_sql, {"request_id": creation.request_id})
-    if row is None:
+    sql = _find_sql(creation.table, creation.new_row._fields)
+    found = database.fetch_one(sql, {"request_id": creation.request_id})
+    if found is None:
         return None
-    earlier = creation.row_type(*row)
+    earlier = type(creation.new_row)(*found)
     if not creation.same_request(earlier):
         raise InvalidArgument(
             "request_id",

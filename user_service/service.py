@@ -17,7 +17,7 @@ from servicekit.errors import AlreadyExists, NotFound
 from servicekit.fields import parse_id, parse_request_id, to_timestamp
 from servicekit.idempotency import Creation, create_once
 from servicekit.jsonlog import mask_email
-from servicekit.outbox import event_params, new_event_id, stage_event_after
+from servicekit.outbox import event_params, new_event_id
 from servicekit.pagination import ListQuery, fetch_page
 from servicekit.server import ServiceDefinition, ServiceResources
 from user_service.validation import normalise_email, normalise_name
@@ -34,14 +34,6 @@ class UserRow(NamedTuple):
 
 USER_COLUMNS = ", ".join(UserRow._fields)
 SELECT_USER = f"SELECT {USER_COLUMNS} FROM users WHERE id = %(id)s::uuid"
-SELECT_USER_OF_REQUEST = f"SELECT {USER_COLUMNS} FROM users WHERE request_id = %(request_id)s"
-INSERT_ANNOUNCED_USER = f"""
-WITH new_user AS (
-    INSERT INTO users ({USER_COLUMNS}, request_id)
-    VALUES (%(id)s, %(email)s, %(name)s, %(create_time)s, %(request_id)s)
-    ON CONFLICT (request_id) DO NOTHING
-    RETURNING id
-) {stage_event_after("new_user")}"""
 
 
 def user_message(row: UserRow) -> users_pb2.User:
@@ -68,18 +60,12 @@ class UserServicer(users_pb2_grpc.UserServiceServicer):
             event_id=new_event_id(), user=user, occur_time=user.create_time
         )
         creation = Creation(
+            table="users",
             new_row=new_user,
-            insert_sql=INSERT_ANNOUNCED_USER,
-            params={
-                **new_user._asdict(),
-                "request_id": request_id,
-                **event_params(
-                    topic=self._users_topic, key=user.id, source=self._event_source, event=created
-                ),
-            },
             request_id=request_id,
-            find_sql=SELECT_USER_OF_REQUEST,
-            row_type=UserRow,
+            event=event_params(
+                topic=self._users_topic, key=user.id, source=self._event_source, event=created
+            ),
             same_request=lambda earlier: (earlier.email, earlier.name) == (email, name),
         )
         try:
