@@ -10,6 +10,7 @@ import pytest
 from ecommerce.v1 import orders_pb2
 from google.type import money_pb2
 
+from bench.run import create_order_script
 from order_service.status import order_status_transition
 from processor.rules import CurrencyAndLimitRule
 from processor.settings import ProcessorSettings
@@ -124,3 +125,9 @@ def test_cloudevent_headers_are_utc_rfc3339() -> None:
         "ce_time": b"2026-05-01T12:00:00Z",
         "content-type": b"application/protobuf",
     }
+
+
+def test_pgbench_runs_every_parameter_of_create_orders_statement() -> None:
+    script = create_order_script(str(uuid.uuid4()), b"\x0a\x01")
+    assert "%(" not in script  # every parameter has a pgbench stand-in
+    assert "INSERT INTO orders" in script and "INSERT INTO outbox_events" in script
