@@ -48,7 +48,8 @@ def create_db_engine(settings: ServiceSettings) -> Engine:
 
 # A connection idle for longer than this is pinged before reuse, so that a restarted database
 # does not surface as errors on stale connections. Busy connections skip the round trip: if the
-# database goes away under load, the failed statement invalidates the whole pool at once.
+# database goes away under load, each stale one fails one statement (UNAVAILABLE, which callers
+# retry) and is replaced (servicekit.sql).
 PING_AFTER_IDLE_SECONDS = 1.0
 
 
