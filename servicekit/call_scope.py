@@ -31,7 +31,7 @@ class CallScope:
         self.cancelled = False
         self._running = True
         self._lock = threading.Lock()
-        self._connections: dict[int, Any] = {}  # id(owner) -> DBAPI connection in use
+        self._connections: set[Any] = set()  # the DBAPI connections in use
         self.log_fields: dict[str, object] = {}  # added to the call's access-log line
 
     @staticmethod
@@ -47,13 +47,16 @@ class CallScope:
         if self.deadline_passed():
             raise DeadlineExceeded("the call's deadline passed before its work was done")
 
-    def attach(self, owner: object, dbapi_connection: Any) -> None:
+    @contextmanager
+    def using(self, dbapi_connection: Any) -> Iterator[None]:
+        """While inside, an end of the call cancels the statement running on the connection."""
         with self._lock:
-            self._connections[id(owner)] = dbapi_connection
-
-    def detach(self, owner: object) -> None:
-        with self._lock:  # waits for a cancel in progress on this connection
-            self._connections.pop(id(owner), None)
+            self._connections.add(dbapi_connection)
+        try:
+            yield
+        finally:
+            with self._lock:  # waits for a cancel in progress on this connection
+                self._connections.discard(dbapi_connection)
 
     def _on_rpc_end(self) -> None:
         """gRPC calls this when the RPC ends; while the handler still runs, the call was cancelled
@@ -62,7 +65,7 @@ class CallScope:
             if not self._running:
                 return
             self.cancelled = True
-            for connection in self._connections.values():
+            for connection in self._connections:
                 abandoned_connections.add(connection)
                 connection.cancel()
 

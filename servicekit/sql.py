@@ -17,7 +17,7 @@ that ends early has its statement cancelled.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import psycopg2
@@ -54,16 +54,11 @@ class Database:
             scope.check_deadline()
         pooled = self._engine.raw_connection()
         connection: psycopg2.extensions.connection = pooled.driver_connection
+        in_call = scope.using(connection) if scope is not None else nullcontext()
         try:
             connection.autocommit = True
-            if scope is None:
+            with in_call:
                 yield connection
-                return
-            scope.attach(pooled, connection)
-            try:
-                yield connection
-            finally:
-                scope.detach(pooled)
         except (psycopg2.OperationalError, psycopg2.InterfaceError) as error:
             if connection.closed:
                 pooled.invalidate(error)  # the pool opens a new one for the next call
