@@ -53,8 +53,9 @@ lint: venv tools ## ruff, mypy and buf lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy servicekit user_service order_service processor migrations chaos tests bench
-	rm -rf .local/proto-deps && mkdir -p .local/proto-deps/google/type
+	rm -rf .local/proto-deps && mkdir -p .local/proto-deps/google/type .local/proto-deps/google/rpc
 	cp $(GOOGLEAPIS)/google/type/money.proto .local/proto-deps/google/type/
+	cp $(GOOGLEAPIS)/google/rpc/status.proto .local/proto-deps/google/rpc/
 	$(BIN)/buf lint
 
 format: venv ## Apply ruff's fixes and formatting

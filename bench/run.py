@@ -91,12 +91,12 @@ _PGBENCH_VALUES = {
     "status_reason": "''",
     "create_time": "now()",
     "update_time": "now()",
-    "request_id": "NULL::uuid",
-    "event_id": "gen_random_uuid()::text",
-    "event_topic": "'pgbench'",
-    "event_type": "'ecommerce.events.v1.OrderCreated'",
-    "event_source": "'/bench'",
-    "event_time": "now()",
+    "request_id": "NULL",
+    "outbox_event_ids": "ARRAY[gen_random_uuid()]",
+    "outbox_topics": "ARRAY['pgbench']",
+    "outbox_types": "ARRAY['ecommerce.events.v1.OrderCreated']",
+    "outbox_sources": "ARRAY['/bench']",
+    "outbox_times": "ARRAY[now()]",
 }
 
 
@@ -105,12 +105,12 @@ def create_order_script(user_id: str, payload: bytes) -> str:
     values = {
         **_PGBENCH_VALUES,
         "user_id": f"'{user_id}'",
-        "event_key": f"'{user_id}'",
-        "event_payload": f"'\\x{payload.hex()}'::bytea",
+        "outbox_keys": f"ARRAY['{user_id}']",
+        "outbox_payloads": f"ARRAY['\\x{payload.hex()}'::bytea]",
     }
     from order_service.service import INSERT_ANNOUNCED_ORDER  # see data_access_rows
 
-    sql = re.sub(r"%\((\w+)\)s", lambda m: values[m.group(1)], INSERT_ANNOUNCED_ORDER)
+    sql = re.sub(r"%\((\w+)\)s", lambda m: values[m.group(1)], INSERT_ANNOUNCED_ORDER.sql)
     return f"\\set units random(1, 100)\n{sql.strip()};\n"
 
 
@@ -134,7 +134,8 @@ def pgbench_tps(connections: int, seconds: int) -> float:
         completed = subprocess.run(
             [
                 str(pg_bin / "pgbench"), "-n", "-h", "127.0.0.1", "-p", "55432", "-U", "ecommerce",
-                "-c", str(connections), "-j", "2", "-T", str(seconds), "-f", file.name,
+                "-c", str(connections), "-j", "2", "-T", str(seconds), "-M", "prepared",
+                "-f", file.name,
                 "ecommerce_pgbench",
             ],
             capture_output=True, text=True, timeout=seconds + 60, check=False,

@@ -15,7 +15,7 @@ import grpc
 from ecommerce.v1 import orders_pb2, orders_pb2_grpc
 from google.type import money_pb2
 
-from servicekit.retry import TRANSIENT_CODES
+from servicekit.retry import TRANSIENT_CODES, retry_delay
 
 # Mixed outcomes under the default rule: two processed, two failed.
 AMOUNTS = (
@@ -96,7 +96,7 @@ class OrderLoad:
                     self.result.failed_attempts[code.name] += 1
                 if code not in TRANSIENT_CODES and code is not grpc.StatusCode.CANCELLED:
                     break
-                time.sleep(random.uniform(0, delay))
+                time.sleep(retry_delay(error) or random.uniform(0, delay))
                 delay = min(delay * 2, 1.0)
                 continue
             with self._lock:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import NamedTuple
 
 import grpc
 from ecommerce.events.v1 import events_pb2
@@ -14,56 +13,28 @@ from psycopg2 import IntegrityError
 
 from order_service.status import (
     CREATED,
-    OrderStatus,
-    order_status_transition,
     parse_requested_status,
     status_from_column,
     status_to_column,
 )
+from order_service.status_changes import Applied, OrderRow, OrderStatusChanges, StatusChange
+from servicekit.admission import PipelineDelayShedder
 from servicekit.call_scope import annotate_log
 from servicekit.db import violated_constraint
-from servicekit.errors import Aborted, InvalidArgument, NotFound
+from servicekit.errors import InvalidArgument, NotFound, ServiceError
 from servicekit.fields import check_printable, parse_id, parse_request_id, to_timestamp
-from servicekit.idempotency import Creation, create_once, insert_once_sql
+from servicekit.idempotency import Creation, create_once, insert_once
 from servicekit.money import decimal_to_money, money_to_decimal
-from servicekit.outbox import Event, event_params, new_event_id, stage_event_after
+from servicekit.outbox import StagedEvent, new_event_id
 from servicekit.pagination import ListQuery, fetch_page
 from servicekit.server import ServiceDefinition, ServiceResources
+from servicekit.sql import Statement
 
 MAX_REASON_LENGTH = 1000
-
-
-class OrderRow(NamedTuple):
-    """An `orders` row, as the statements below select it."""
-
-    id: uuid.UUID
-    user_id: uuid.UUID
-    amount: Decimal
-    currency_code: str
-    status: str
-    status_reason: str
-    create_time: datetime
-    update_time: datetime
-
-
+MAX_BATCH_SIZE = 1000
 ORDER_COLUMNS = ", ".join(OrderRow._fields)
-SELECT_ORDER = f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = %(id)s::uuid"
-INSERT_ANNOUNCED_ORDER = insert_once_sql("orders", OrderRow._fields)
-# Optimistic: the change applies only if the order is still in the status it was read in, so of
-# concurrent changes exactly one wins, without a transaction held open across round trips.
-CHANGE_ANNOUNCED_STATUS = f"""
-WITH changed AS (
-    UPDATE orders SET status = %(status)s, status_reason = %(reason)s, update_time = %(now)s
-    WHERE id = %(id)s AND status = %(old_status)s
-    RETURNING id
-), history AS (
-    INSERT INTO order_status_changes
-        (order_id, old_status, new_status, reason, event_id, change_time)
-    SELECT id, %(old_status)s, %(status)s, %(reason)s, %(event_id)s::uuid, %(now)s FROM changed
-) {stage_event_after("changed")}"""
-# Attempts of UpdateOrderStatus when concurrent changes keep winning (with this lifecycle the
-# second attempt always decides: the winner left the order in a final status).
-MAX_CHANGE_ATTEMPTS = 3
+SELECT_ORDER = Statement(f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = %(id)s::uuid")
+INSERT_ANNOUNCED_ORDER = insert_once("orders", OrderRow._fields)
 
 
 def order_message(row: OrderRow) -> orders_pb2.Order:
@@ -87,17 +58,22 @@ def _positive_amount(request: orders_pb2.CreateOrderRequest) -> Decimal:
     return amount
 
 
+def parse_status_change(request: orders_pb2.UpdateOrderStatusRequest) -> StatusChange:
+    reason = check_printable(request.reason.strip(), "reason", allow_line_breaks=True)
+    if len(reason) > MAX_REASON_LENGTH:
+        raise InvalidArgument("reason", f"must be at most {MAX_REASON_LENGTH} characters")
+    return StatusChange(parse_id(request.id), parse_requested_status(request.status), reason)
+
+
 class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
     def __init__(self, resources: ServiceResources) -> None:
         self._database = resources.database
         self._orders_topic = resources.settings.kafka.orders_topic
         self._event_source = resources.event_source
-
-    def _event_params(self, user_id: str, event: Event) -> dict[str, object]:
-        # Keyed by user: all of one user's order events land in one partition, in order.
-        return event_params(
-            topic=self._orders_topic, key=user_id, source=self._event_source, event=event
+        self._status_changes = OrderStatusChanges(
+            self._database, self._orders_topic, self._event_source
         )
+        self._shedder = PipelineDelayShedder(resources.settings.backpressure)
 
     def CreateOrder(
         self, request: orders_pb2.CreateOrderRequest, context: grpc.ServicerContext
@@ -106,6 +82,7 @@ class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
         amount = _positive_amount(request)
         currency_code = request.amount.currency_code
         request_id = parse_request_id(request.request_id)
+        self._shedder.admit()
         now = datetime.now(UTC)
         new_order = OrderRow(
             id=uuid.uuid4(),
@@ -125,7 +102,8 @@ class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
             table="orders",
             new_row=new_order,
             request_id=request_id,
-            event=self._event_params(order.user_id, created),
+            # Keyed by user: all of one user's order events land in one partition, in order.
+            event=StagedEvent(self._orders_topic, order.user_id, self._event_source, created),
             same_request=lambda earlier: (
                 (earlier.user_id, earlier.amount, earlier.currency_code)
                 == (user_id, amount, currency_code)
@@ -145,7 +123,11 @@ class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
     def GetOrder(
         self, request: orders_pb2.GetOrderRequest, context: grpc.ServicerContext
     ) -> orders_pb2.Order:
-        return order_message(self._read_order(parse_id(request.id)))
+        order_id = parse_id(request.id)
+        row = self._database.fetch_one(SELECT_ORDER, {"id": order_id})
+        if row is None:
+            raise NotFound(f"order {order_id} does not exist", reason="ORDER_NOT_FOUND")
+        return order_message(OrderRow(*row))
 
     def ListOrders(
         self, request: orders_pb2.ListOrdersRequest, context: grpc.ServicerContext
@@ -167,61 +149,53 @@ class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
     def UpdateOrderStatus(
         self, request: orders_pb2.UpdateOrderStatusRequest, context: grpc.ServicerContext
     ) -> orders_pb2.Order:
-        order_id = parse_id(request.id)
-        requested = parse_requested_status(request.status)
-        reason = check_printable(request.reason.strip(), "reason", allow_line_breaks=True)
-        if len(reason) > MAX_REASON_LENGTH:
-            raise InvalidArgument("reason", f"must be at most {MAX_REASON_LENGTH} characters")
-        for _attempt in range(MAX_CHANGE_ATTEMPTS):
-            current = self._read_order(order_id)
-            if not order_status_transition(status_from_column(current.status), requested):
-                return order_message(current)
-            if (changed := self._change_status(current, requested, reason)) is not None:
-                return order_message(changed)
-        raise Aborted(
-            f"order {order_id} kept changing concurrently; retry", reason="CONCURRENT_CHANGE"
+        change = parse_status_change(request)
+        (outcome,) = self._apply([change]).outcomes
+        if isinstance(outcome, ServiceError):
+            raise outcome
+        return order_message(outcome)
+
+    def BatchUpdateOrderStatus(
+        self, request: orders_pb2.BatchUpdateOrderStatusRequest, context: grpc.ServicerContext
+    ) -> orders_pb2.BatchUpdateOrderStatusResponse:
+        if not 1 <= len(request.requests) <= MAX_BATCH_SIZE:
+            raise InvalidArgument(
+                "requests", f"must hold 1 to {MAX_BATCH_SIZE} changes, got {len(request.requests)}"
+            )
+        outcomes: list[OrderRow | ServiceError | None] = [None] * len(request.requests)
+        valid: dict[int, StatusChange] = {}
+        seen: set[uuid.UUID] = set()
+        for index, item in enumerate(request.requests):
+            try:
+                change = parse_status_change(item)
+                if change.order_id in seen:
+                    raise InvalidArgument("id", "names an order changed earlier in this batch")
+            except InvalidArgument as invalid:
+                outcomes[index] = invalid.within(f"requests[{index}]")
+                continue
+            seen.add(change.order_id)
+            valid[index] = change
+        applied = self._apply(list(valid.values()))
+        for index, outcome in zip(valid, applied.outcomes, strict=True):
+            outcomes[index] = outcome
+        annotate_log(batch_size=len(request.requests))
+        return orders_pb2.BatchUpdateOrderStatusResponse(
+            results=[_update_result(outcome) for outcome in outcomes if outcome is not None]
         )
 
-    def _change_status(
-        self, current: OrderRow, requested: OrderStatus, reason: str
-    ) -> OrderRow | None:
-        """Writes the change, its history row and its event; None if a concurrent change won."""
-        changed = current._replace(
-            status=status_to_column(requested),
-            status_reason=reason,
-            update_time=max(datetime.now(UTC), current.create_time),
+    def _apply(self, changes: list[StatusChange]) -> Applied:
+        applied = self._status_changes.apply(changes) if changes else Applied([], [])
+        # How long the orders settled now waited since they were placed: the pipeline's delay.
+        self._shedder.observe(
+            (row.update_time - row.create_time).total_seconds() for row in applied.changed
         )
-        params = self._change_params(changed, status_from_column(current.status))
-        if self._database.fetch_one(CHANGE_ANNOUNCED_STATUS, params) is None:
-            return None
-        annotate_log(status_from=current.status, status_to=changed.status)
-        return changed
+        return applied
 
-    def _read_order(self, order_id: uuid.UUID) -> OrderRow:
-        row = self._database.fetch_one(SELECT_ORDER, {"id": order_id})
-        if row is None:
-            raise NotFound(f"order {order_id} does not exist", reason="ORDER_NOT_FOUND")
-        return OrderRow(*row)
 
-    def _change_params(self, changed: OrderRow, previous: OrderStatus) -> dict[str, object]:
-        """The history row and the OrderStatusChanged event, written with the change."""
-        event = events_pb2.OrderStatusChanged(
-            event_id=new_event_id(),
-            order_id=str(changed.id),
-            user_id=str(changed.user_id),
-            old_status=previous,
-            new_status=status_from_column(changed.status),
-            reason=changed.status_reason,
-            occur_time=to_timestamp(changed.update_time),
-        )
-        return {
-            "id": changed.id,
-            "status": changed.status,
-            "reason": changed.status_reason,
-            "now": changed.update_time,
-            "old_status": status_to_column(previous),
-            **self._event_params(event.user_id, event),
-        }
+def _update_result(outcome: OrderRow | ServiceError) -> orders_pb2.OrderStatusUpdateResult:
+    if isinstance(outcome, ServiceError):
+        return orders_pb2.OrderStatusUpdateResult(error=outcome.to_rpc_status())
+    return orders_pb2.OrderStatusUpdateResult(order=order_message(outcome))
 
 
 DEFINITION = ServiceDefinition(

@@ -52,7 +52,8 @@ def main() -> None:
         callback_timeout=settings.callback_timeout_seconds,
         callback_retry_seconds=settings.callback_retry_seconds,
         stop=stop,
-        concurrency=settings.concurrency,
+        batch_size=settings.batch_size,
+        batch_linger_seconds=settings.batch_linger_seconds,
     )
     health.set_serving(True)
     log.info(

@@ -8,9 +8,11 @@ UpdateOrderStatus being idempotent makes a redelivery change nothing.
 from __future__ import annotations
 
 import logging
+import random
 import threading
+import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -29,8 +31,7 @@ from servicekit.settings import KafkaSettings
 log = logging.getLogger("processor")
 
 ORDER_CREATED = events_pb2.OrderCreated.DESCRIPTOR.full_name
-# Events on the orders topic that are not the processor's to act on.
-IGNORED_TYPES = frozenset({events_pb2.OrderStatusChanged.DESCRIPTOR.full_name})
+ORDER_STATUS_CHANGED = events_pb2.OrderStatusChanged.DESCRIPTOR.full_name
 # A server that is shutting down cancels the calls it has not started yet: to the processor, which
 # never cancels its own calls, CANCELLED is as transient as UNAVAILABLE.
 TRANSIENT_FOR_CALLBACK = TRANSIENT_CODES | {grpc.StatusCode.CANCELLED}
@@ -108,8 +109,27 @@ class DeadLetterQueue:
         self._producer.flush(10)
 
 
+@dataclass(frozen=True)
+class Settle:
+    """The order's outcome, to be applied by the order service."""
+
+    change: orders_pb2.UpdateOrderStatusRequest
+
+
+class Done:
+    """Nothing (more) to do for the message."""
+
+
+DONE = Done()
+Decision = Settle | DeadLetter | Done
+# What becomes of a message once its decision was carried out (RetryLater: read it again).
+Result = Done | DeadLetter | type[RetryLater]
+EventHandler = Callable[["OrderEventProcessor", Message], Decision]
+
+
 class OrderEventProcessor:
-    """Consumes the orders topic and applies the rule's outcome to each created order."""
+    """Consumes the orders topic and applies the rule's outcome to each created order, settling
+    a whole batch of orders with one BatchUpdateOrderStatus call."""
 
     def __init__(
         self,
@@ -121,8 +141,8 @@ class OrderEventProcessor:
         callback_timeout: float,
         callback_retry_seconds: float,
         stop: threading.Event,
-        concurrency: int = 8,
         batch_size: int = 200,
+        batch_linger_seconds: float = 0.005,
     ) -> None:
         self._consumer = consumer
         self._orders = orders
@@ -132,56 +152,137 @@ class OrderEventProcessor:
         self._callback_retry_seconds = callback_retry_seconds
         self._stop = stop
         self._batch_size = batch_size
-        self._workers = ThreadPoolExecutor(concurrency, thread_name_prefix="order-callback")
+        self._batch_linger_seconds = batch_linger_seconds
         self.handled = 0
 
     def run(self) -> None:
         """Consumes until `stop` is set; then commits what was applied."""
-        try:
-            while not self._stop.is_set():
-                batch = []
-                for message in self._next_batch():
-                    error = message.error()
-                    if error is None:
-                        batch.append(message)
-                    else:
-                        self._log_consumer_error(error)
-                if batch:
-                    self._advance(batch, self._handle_batch(batch))
-        finally:
-            self._workers.shutdown(wait=True)
+        while not self._stop.is_set():
+            batch = []
+            for message in self._next_batch():
+                error = message.error()
+                if error is None:
+                    batch.append(message)
+                else:
+                    self._log_consumer_error(error)
+            if batch:
+                self._advance(batch, self._handle_batch(batch))
         self._commit()
 
     def _next_batch(self) -> list[Message]:
-        """What has arrived, up to batch_size, as soon as there is something. (`consume` with a
-        timeout waits for a full batch or the timeout: half a second per order at low rates.)"""
+        """What arrives within a short linger after the first message, up to batch_size: one
+        callback settles them all."""
         first = self._consumer.poll(0.5)
         if first is None:
             return []
-        return [first, *self._consumer.consume(self._batch_size - 1, timeout=0)]
+        rest = self._consumer.consume(self._batch_size - 1, timeout=self._batch_linger_seconds)
+        return [first, *rest]
 
     def _handle_batch(self, batch: list[Message]) -> set[int]:
-        """Handles the batch, one key's messages in order and different keys concurrently;
-        returns the indexes (in `batch`) of the messages that were handled."""
-        by_key: dict[bytes | None, list[int]] = defaultdict(list)
-        for index, message in enumerate(batch):
-            by_key[message.key()].append(index)
-        handled: set[int] = set()
-        for done in self._workers.map(
-            lambda indexes: self._handle_in_order(batch, indexes), by_key.values()
-        ):
-            handled.update(done)
+        """Carries out each message's decision; returns the indexes (in `batch`) of the messages
+        that were handled (not to be read again)."""
+        decisions = [self._decide(message) for message in batch]
+        settled = self._settle(
+            {index: d.change for index, d in enumerate(decisions) if isinstance(d, Settle)}
+        )
+        handled = set()
+        for index, decision in enumerate(decisions):
+            result = settled.get(index, decision)
+            if result is RetryLater:
+                continue
+            if isinstance(result, DeadLetter):
+                self._dead_letters.send(batch[index], result)
+            handled.add(index)
         return handled
 
-    def _handle_in_order(self, batch: list[Message], indexes: list[int]) -> list[int]:
-        done = []
-        for index in indexes:
-            try:
-                self._handle(batch[index])
-            except RetryLater:
-                break  # this key waits: its later messages must not overtake this one
-            done.append(index)
-        return done
+    def _decide(self, message: Message) -> Decision:
+        event_type = header(message.headers(), "ce_type")
+        if event_type is None:
+            return DeadLetter("MISSING_CE_TYPE", "no ce_type header")
+        handler = EVENT_HANDLERS.get(event_type)
+        if handler is None:
+            return DeadLetter("UNKNOWN_EVENT_TYPE", f"ce_type {event_type!r} is not handled here")
+        return handler(self, message)
+
+    def decide_order_created(self, message: Message) -> Decision:
+        try:
+            event = events_pb2.OrderCreated.FromString(message.value() or b"")
+        except DecodeError as error:
+            return DeadLetter("UNDECODABLE", f"not an {ORDER_CREATED}: {error}")
+        order = event.order
+        if not order.id or not order.HasField("amount"):
+            return DeadLetter("INVALID_EVENT", "OrderCreated without an order id or amount")
+        try:
+            outcome = self._rule.decide(order)
+        except Exception as error:  # the rule is pluggable: its failure is this message's
+            return DeadLetter("RULE_FAILED", repr(error))
+        return Settle(
+            orders_pb2.UpdateOrderStatusRequest(
+                id=order.id, status=outcome.status, reason=outcome.reason
+            )
+        )
+
+    def ignore(self, _message: Message) -> Decision:
+        return DONE
+
+    def _settle(self, changes: dict[int, orders_pb2.UpdateOrderStatusRequest]) -> dict[int, Result]:
+        """Applies the changes (message index -> change) with one call per attempt; orders not
+        found yet (their row may lag behind their event) are tried again until
+        CALLBACK_RETRY_SECONDS."""
+        by_order: dict[str, list[int]] = defaultdict(list)  # a redelivered event: same order
+        for index, change in changes.items():
+            by_order[change.id].append(index)
+        pending = {order_id: changes[indexes[0]] for order_id, indexes in by_order.items()}
+        outcomes: dict[str, Result] = {}
+        give_up_at = time.monotonic() + self._callback_retry_seconds
+        delay = 0.05
+        while pending:
+            not_found = self._settle_once(pending, outcomes, time.monotonic() < give_up_at)
+            pending = {order_id: pending[order_id] for order_id in not_found}
+            if pending:
+                self._stop.wait(random.uniform(0, delay))  # full jitter, as servicekit.retry
+                delay = min(delay * 2, 2.0)
+        return {index: outcomes[order_id] for order_id, ids in by_order.items() for index in ids}
+
+    def _settle_once(
+        self,
+        pending: dict[str, orders_pb2.UpdateOrderStatusRequest],
+        outcomes: dict[str, Result],
+        may_retry: bool,
+    ) -> list[str]:
+        """One batch call; records each order's result and returns the orders to try again."""
+        request = orders_pb2.BatchUpdateOrderStatusRequest(requests=list(pending.values()))
+        try:
+            response = call_with_retry(
+                self._orders.BatchUpdateOrderStatus,
+                request,
+                retryable=TRANSIENT_FOR_CALLBACK,
+                attempt_timeout=self._callback_timeout,
+                give_up_after=self._callback_retry_seconds,
+                stop=self._stop,
+            )
+        except grpc.RpcError as error:
+            failed: Result = (
+                RetryLater
+                if error.code() in TRANSIENT_FOR_CALLBACK
+                else DeadLetter(f"CALLBACK_{error.code().name}", error.details() or "")
+            )
+            outcomes.update(dict.fromkeys(pending, failed))
+            return []
+        retry = []
+        for (order_id, change), result in zip(pending.items(), response.results, strict=True):
+            if result.HasField("order"):
+                outcomes[order_id] = DONE
+                _log_processed(change)
+                continue
+            code = _grpc_code(result.error.code)
+            if code in RETRYABLE_CODES and may_retry and not self._stop.is_set():
+                retry.append(order_id)
+            elif code in TRANSIENT_FOR_CALLBACK:
+                outcomes[order_id] = RetryLater
+            else:
+                outcomes[order_id] = DeadLetter(f"CALLBACK_{code.name}", result.error.message)
+        return retry
 
     def _advance(self, batch: list[Message], handled: set[int]) -> None:
         """Stores, per partition, the offset after the longest handled prefix; a partition with a
@@ -209,59 +310,6 @@ class OrderEventProcessor:
             # Revoked meanwhile: its new owner handles those messages again (a no-op).
             log.info("offset not stored: %s", error)
 
-    def _handle(self, message: Message) -> None:
-        outcome = self._apply(message)
-        if isinstance(outcome, DeadLetter):
-            self._dead_letters.send(message, outcome)
-
-    def _apply(self, message: Message) -> DeadLetter | None:
-        event_type = header(message.headers(), "ce_type")
-        if event_type in IGNORED_TYPES:
-            return None
-        if event_type is None:
-            return DeadLetter("MISSING_CE_TYPE", "no ce_type header")
-        if event_type != ORDER_CREATED:
-            return DeadLetter("UNKNOWN_EVENT_TYPE", f"ce_type {event_type!r} is not handled here")
-        try:
-            event = events_pb2.OrderCreated.FromString(message.value() or b"")
-        except DecodeError as error:
-            return DeadLetter("UNDECODABLE", f"not an {ORDER_CREATED}: {error}")
-        if not event.order.id or not event.order.HasField("amount"):
-            return DeadLetter("INVALID_EVENT", "OrderCreated without an order id or amount")
-        return self._apply_outcome(event.order)
-
-    def _apply_outcome(self, order: orders_pb2.Order) -> DeadLetter | None:
-        try:
-            outcome = self._rule.decide(order)
-        except Exception as error:  # the rule is pluggable: its failure is this message's
-            return DeadLetter("RULE_FAILED", repr(error))
-        request = orders_pb2.UpdateOrderStatusRequest(
-            id=order.id, status=outcome.status, reason=outcome.reason
-        )
-        try:
-            call_with_retry(
-                self._orders.UpdateOrderStatus,
-                request,
-                retryable=RETRYABLE_CODES,
-                attempt_timeout=self._callback_timeout,
-                give_up_after=self._callback_retry_seconds,
-                stop=self._stop,
-            )
-        except grpc.RpcError as error:
-            if error.code() in TRANSIENT_FOR_CALLBACK:
-                raise RetryLater from error
-            return DeadLetter(f"CALLBACK_{error.code().name}", error.details() or "")
-        log.info(
-            "order processed",
-            extra={
-                "fields": {
-                    "order_id": order.id,
-                    "status": orders_pb2.OrderStatus.Name(outcome.status),
-                }
-            },
-        )
-        return None
-
     def _rewind(self, message: Message) -> None:
         """Read the message again on a later poll (polling keeps this consumer in the group)."""
         where = position(message)
@@ -285,6 +333,30 @@ class OrderEventProcessor:
         log.warning("consumer error: %s", error)
         if error.fatal():
             raise KafkaException(error)
+
+
+# What each event type of the orders topic means to the processor; any other type is dead-lettered.
+EVENT_HANDLERS: dict[str, EventHandler] = {
+    ORDER_CREATED: OrderEventProcessor.decide_order_created,
+    ORDER_STATUS_CHANGED: OrderEventProcessor.ignore,
+}
+
+
+def _grpc_code(code: int) -> grpc.StatusCode:
+    """The grpc.StatusCode of a google.rpc.Status code number."""
+    return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+
+
+def _log_processed(change: orders_pb2.UpdateOrderStatusRequest) -> None:
+    log.info(
+        "order processed",
+        extra={
+            "fields": {
+                "order_id": change.id,
+                "status": orders_pb2.OrderStatus.Name(change.status),
+            }
+        },
+    )
 
 
 def commit_on_revoke(consumer: Consumer, partitions: list[TopicPartition]) -> None:

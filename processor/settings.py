@@ -48,7 +48,8 @@ class ProcessorSettings:
     max_order_amount: Decimal
     callback_timeout_seconds: float
     callback_retry_seconds: float
-    concurrency: int
+    batch_size: int
+    batch_linger_seconds: float
     log_level: str
 
     @classmethod
@@ -64,6 +65,7 @@ class ProcessorSettings:
             max_order_amount=_amount(env, "MAX_ORDER_AMOUNT", "10000"),
             callback_timeout_seconds=env_float(env, "CALLBACK_TIMEOUT_SECONDS", 5.0),
             callback_retry_seconds=env_float(env, "CALLBACK_RETRY_SECONDS", 10.0),
-            concurrency=env_int(env, "PROCESSOR_CONCURRENCY", 8, minimum=1),
+            batch_size=env_int(env, "PROCESSOR_BATCH_SIZE", 200, minimum=1),
+            batch_linger_seconds=env_float(env, "PROCESSOR_BATCH_LINGER_SECONDS", 0.005),
             log_level=parse_log_level(env),
         )

@@ -46,13 +46,16 @@ class ServiceError(Exception):
         info.Pack(error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN))
         return [info]
 
-    def to_status(self) -> grpc.Status:
-        status = status_pb2.Status(
+    def to_rpc_status(self) -> status_pb2.Status:
+        """As a google.rpc.Status message (a batch's per-item result)."""
+        return status_pb2.Status(
             code=getattr(code_pb2, self.code.name),
             message=self.message,
             details=self.details(),
         )
-        return rpc_status.to_status(status)
+
+    def to_status(self) -> grpc.Status:
+        return rpc_status.to_status(self.to_rpc_status())
 
 
 class InvalidArgument(ServiceError):
@@ -63,6 +66,13 @@ class InvalidArgument(ServiceError):
         description = description[:_MAX_MESSAGE_CHARS]
         super().__init__(f"{field}: {description}", reason)
         self.violations = [FieldViolation(field, description)]
+        self._description = description
+
+    def within(self, parent: str) -> InvalidArgument:
+        """The same error about the field inside `parent`, e.g. `requests[2].reason`."""
+        return InvalidArgument(
+            f"{parent}.{self.violations[0].field}", self._description, self.reason
+        )
 
     def details(self) -> list[any_pb2.Any]:
         bad_request = any_pb2.Any()
@@ -114,3 +124,21 @@ class DeadlineExceeded(ServiceError):
 class Cancelled(ServiceError):
     code = grpc.StatusCode.CANCELLED
     default_reason = "CANCELLED"
+
+
+class ResourceExhausted(ServiceError):
+    """The service sheds this call to stay within its capacity; retry after `retry_after`."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, retry_after: float, reason: str | None = None) -> None:
+        super().__init__(message, reason)
+        self.retry_after = retry_after
+
+    def details(self) -> list[any_pb2.Any]:
+        retry_info = error_details_pb2.RetryInfo()
+        retry_info.retry_delay.FromNanoseconds(int(self.retry_after * 1e9))
+        packed = any_pb2.Any()
+        packed.Pack(retry_info)
+        return [*super().details(), packed]

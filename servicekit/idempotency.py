@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, Generic, Protocol, TypeVar
@@ -13,8 +13,8 @@ from sqlalchemy import Uuid
 from sqlalchemy.orm import Mapped, mapped_column
 
 from servicekit.errors import InvalidArgument
-from servicekit.outbox import stage_event_after
-from servicekit.sql import Database
+from servicekit.outbox import StagedEvent, stage_events_if_any, staged_params, wake_up
+from servicekit.sql import Database, Statement
 
 
 class RequestIdColumn:
@@ -38,30 +38,32 @@ Created = TypeVar("Created", bound=TableRow)
 
 @dataclass(frozen=True)
 class Creation(Generic[Created]):
-    """One row to create idempotently, and the event (`outbox.event_params`) that announces it."""
+    """One row to create idempotently, and the event that announces it."""
 
     table: str
     new_row: Created
     request_id: uuid.UUID | None
-    event: Mapping[str, object]
+    event: StagedEvent
     same_request: Callable[[Created], bool]
 
 
 @cache
-def insert_once_sql(table: str, columns: tuple[str, ...]) -> str:
+def insert_once(table: str, columns: tuple[str, ...]) -> Statement:
     """One statement: the row, unless its request_id was used already, and then its event.
     Returns a row iff it inserted."""
     values = ", ".join(f"%({column})s" for column in columns)
-    return (
+    return Statement(
         f"WITH new_row AS (INSERT INTO {table} ({', '.join(columns)}, request_id)"
-        f" VALUES ({values}, %(request_id)s) ON CONFLICT (request_id) DO NOTHING RETURNING id)"
-        f" {stage_event_after('new_row')}"
+        f" VALUES ({values}, %(request_id)s::uuid) ON CONFLICT (request_id) DO NOTHING"
+        f" RETURNING id) {stage_events_if_any('new_row')}"
     )
 
 
 @cache
-def _find_sql(table: str, columns: tuple[str, ...]) -> str:
-    return f"SELECT {', '.join(columns)} FROM {table} WHERE request_id = %(request_id)s"
+def _find(table: str, columns: tuple[str, ...]) -> Statement:
+    return Statement(
+        f"SELECT {', '.join(columns)} FROM {table} WHERE request_id = %(request_id)s::uuid"
+    )
 
 
 def create_once(database: Database, creation: Creation[Created]) -> Created:
@@ -73,9 +75,14 @@ def create_once(database: Database, creation: Creation[Created]) -> Created:
     request. Other constraint violations propagate as IntegrityError for the caller to map.
     """
     row = creation.new_row
-    params = {**row._asdict(), "request_id": creation.request_id, **creation.event}
+    params = {
+        **row._asdict(),
+        "request_id": creation.request_id,
+        **staged_params([creation.event]),
+    }
     try:
-        if database.fetch_one(insert_once_sql(creation.table, row._fields), params) is not None:
+        if database.fetch_one(insert_once(creation.table, row._fields), params) is not None:
+            wake_up.events_staged()
             return row
     except IntegrityError:
         # A concurrent retry committed first, and which unique index reports the clash
@@ -92,8 +99,8 @@ def create_once(database: Database, creation: Creation[Created]) -> Created:
 def _created_by(database: Database, creation: Creation[Created]) -> Created | None:
     if creation.request_id is None:
         return None
-    sql = _find_sql(creation.table, creation.new_row._fields)
-    found = database.fetch_one(sql, {"request_id": creation.request_id})
+    statement = _find(creation.table, creation.new_row._fields)
+    found = database.fetch_one(statement, {"request_id": creation.request_id})
     if found is None:
         return None
     earlier = type(creation.new_row)(*found)

@@ -20,7 +20,6 @@ from sqlalchemy import (
     Text,
     Uuid,
     func,
-    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -94,19 +93,11 @@ class OrderStatusChangeRecord(Base):
 class OutboxEventRecord(Base):
     """Events committed with the change they describe, waiting for the relay to publish them.
 
-    Rows are published in id order and kept for OUTBOX_RETENTION_SECONDS after publication.
-    An insert notifies the `outbox_events` channel (a trigger), which wakes the relay.
+    Rows are published in id order and deleted once the broker has acknowledged them: the table
+    holds only what is still to be published.
     """
 
     __tablename__ = "outbox_events"
-    __table_args__ = (
-        Index("outbox_events_unpublished_idx", "id", postgresql_where=text("publish_time IS NULL")),
-        Index(
-            "outbox_events_publish_time_idx",
-            "publish_time",
-            postgresql_where=text("publish_time IS NOT NULL"),
-        ),
-    )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     event_id: Mapped[uuid.UUID] = mapped_column(Uuid, unique=True)
@@ -120,4 +111,3 @@ class OutboxEventRecord(Base):
     create_time: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now()
     )
-    publish_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

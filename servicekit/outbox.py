@@ -1,21 +1,22 @@
-"""Transactional outbox: events are written in the same transaction as the change they describe,
-and an OutboxRelay publishes them to Kafka, marking a row published only once the broker has
-acknowledged it. A crash anywhere loses nothing: unpublished rows are sent on the next start
-(possibly twice; consumers deduplicate by event id).
+"""Transactional outbox: events are written in the same statement as the change they describe,
+and an OutboxRelay publishes them to Kafka, deleting a row only once the broker has acknowledged
+it. A crash anywhere loses nothing: unpublished rows are sent on the next start (possibly twice;
+consumers deduplicate by event id).
 
 Exactly one relay publishes at a time (a PostgreSQL advisory lock elects it), so rows leave in
 id order and several replicas of a service never publish the same row concurrently. The leader
-waits on LISTEN `outbox_events` (a trigger notifies at commit), with a slow poll as a fallback.
+polls: often while rows keep coming, less and less often while none do, and at once when a writer
+of its own process says it staged an event (`OutboxWakeUp`). A NOTIFY trigger would wake it
+without polling, but every notifying commit takes a database-wide lock held through commit, so
+notifying writers queue behind each other and cannot share a WAL flush (half the insert rate).
 """
 
 from __future__ import annotations
 
 import logging
-import select
 import threading
-import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -27,14 +28,12 @@ from sqlalchemy import make_url
 
 from servicekit.kafka import cloudevent_headers, producer_config
 from servicekit.settings import KafkaSettings, OutboxSettings
+from servicekit.sql import Statement
 
 log = logging.getLogger("servicekit.outbox")
 
-NOTIFY_CHANNEL = "outbox_events"
 # pg_advisory_lock key held by the publishing relay: any fixed 64-bit number unique to this use.
 RELAY_LOCK_KEY = 0x6F7574626F78  # "outbox"
-_CLEANUP_EVERY_SECONDS = 60.0
-_CLEANUP_BATCH = 10_000
 _MAX_BACKOFF_SECONDS = 10.0
 
 
@@ -56,34 +55,78 @@ def new_event_id() -> str:
     return str(uuid.uuid4())
 
 
-_OUTBOX_COLUMNS = "event_id, topic, message_key, event_type, source, payload, occur_time"
-_EVENT_VALUES = (
-    "%(event_id)s::uuid, %(event_topic)s, %(event_key)s, %(event_type)s, %(event_source)s,"
-    " %(event_payload)s, %(event_time)s"
+@dataclass(frozen=True)
+class StagedEvent:
+    """An event to write to the outbox with the change it announces."""
+
+    topic: str
+    key: str
+    source: str
+    event: Event
+
+
+# The staged events of a statement, as a table: one array parameter per outbox column.
+_STAGED = (
+    "unnest(%(outbox_event_ids)s::uuid[], %(outbox_topics)s::text[], %(outbox_keys)s::text[],"
+    " %(outbox_types)s::text[], %(outbox_sources)s::text[], %(outbox_payloads)s::bytea[],"
+    " %(outbox_times)s::timestamptz[]) WITH ORDINALITY"
+    " AS staged(event_id, topic, message_key, event_type, source, payload, occur_time, position)"
 )
+_OUTBOX_COLUMNS = "event_id, topic, message_key, event_type, source, payload, occur_time"
+_STAGED_COLUMNS = ", ".join(f"staged.{column}" for column in _OUTBOX_COLUMNS.split(", "))
 
 
-def stage_event_after(inserted: str) -> str:
-    """The INSERT of an event into the outbox, to end a statement `WITH <inserted> AS (…) …`:
-    the event is staged iff `<inserted>` returned a row, in the same statement, so atomically
-    with the change it announces and at the cost of no extra round trip.
-    Returns the outbox row's id; takes the parameters of `event_params`."""
+def stage_events_if_any(inserted: str) -> str:
+    """SQL ending a statement `WITH <inserted> AS (…) …`: writes the staged events iff `<inserted>`
+    returned a row, in the same statement, so atomically with the change they announce and at
+    the cost of no extra round trip. Returns one row per event; its parameters: `staged_params`."""
     return (
-        f"INSERT INTO outbox_events ({_OUTBOX_COLUMNS})"
-        f" SELECT {_EVENT_VALUES} FROM {inserted} RETURNING id"
+        f"INSERT INTO outbox_events ({_OUTBOX_COLUMNS}) SELECT {_STAGED_COLUMNS} FROM {_STAGED}"
+        f" WHERE EXISTS (SELECT FROM {inserted}) ORDER BY staged.position RETURNING event_id"
     )
 
 
-def event_params(*, topic: str, key: str, source: str, event: Event) -> dict[str, object]:
+def stage_events_of(changed: str) -> str:
+    """Like `stage_events_if_any`, for a statement that changes many rows: writes the staged events
+    whose id is in `<changed>`'s `event_id` column, and returns their ids."""
+    return (
+        f"INSERT INTO outbox_events ({_OUTBOX_COLUMNS}) SELECT {_STAGED_COLUMNS} FROM {_STAGED}"
+        f" JOIN {changed} ON {changed}.event_id = staged.event_id"
+        f" ORDER BY staged.position RETURNING event_id"
+    )
+
+
+def staged_params(events: Sequence[StagedEvent]) -> dict[str, object]:
+    """The parameters of the SQL of `stage_events_if_any` and `stage_events_of`."""
     return {
-        "event_id": event.event_id,
-        "event_topic": topic,
-        "event_key": key,
-        "event_type": event.DESCRIPTOR.full_name,
-        "event_source": source,
-        "event_payload": event.SerializeToString(),
-        "event_time": event.occur_time.ToDatetime(tzinfo=UTC),
+        "outbox_event_ids": [uuid.UUID(staged.event.event_id) for staged in events],
+        "outbox_topics": [staged.topic for staged in events],
+        "outbox_keys": [staged.key for staged in events],
+        "outbox_types": [staged.event.DESCRIPTOR.full_name for staged in events],
+        "outbox_sources": [staged.source for staged in events],
+        "outbox_payloads": [staged.event.SerializeToString() for staged in events],
+        "outbox_times": [staged.event.occur_time.ToDatetime(tzinfo=UTC) for staged in events],
     }
+
+
+class OutboxWakeUp:
+    """Lets the writers of a process wake the relays of the same process right after a commit."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def events_staged(self) -> None:
+        self._event.set()
+
+    def wait(self, timeout: float) -> bool:
+        """True if woken before `timeout`; the wake-up is consumed."""
+        woken = self._event.wait(timeout)
+        self._event.clear()
+        return woken
+
+
+# The one wake-up of this process: a relay elsewhere finds the events by polling.
+wake_up = OutboxWakeUp()
 
 
 @dataclass(frozen=True)
@@ -96,6 +139,13 @@ class PendingEvent:
     source: str
     payload: bytes
     occur_time: datetime
+
+
+SELECT_PENDING = Statement(
+    "SELECT id, event_id, topic, message_key, event_type, source, payload, occur_time"
+    " FROM outbox_events ORDER BY id LIMIT %(limit)s"
+)
+DELETE_PUBLISHED = Statement("DELETE FROM outbox_events WHERE id = ANY(%(ids)s::bigint[])")
 
 
 class OutboxRelay:
@@ -116,7 +166,6 @@ class OutboxRelay:
         self._client_id = client_id
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="outbox-relay", daemon=True)
-        self._last_cleanup = 0.0
         self.published = 0  # events acknowledged by the broker, for logs and tests
 
     def start(self) -> None:
@@ -125,6 +174,7 @@ class OutboxRelay:
     def stop(self, timeout: float = 30.0) -> None:
         """Finishes the batch in hand (its deliveries are awaited), then returns."""
         self._stopped.set()
+        wake_up.events_staged()
         self._thread.join(timeout)
 
     def _run(self) -> None:
@@ -158,67 +208,62 @@ class OutboxRelay:
         try:
             connection.autocommit = True
             with connection.cursor() as cursor:
-                # A publish mark lost in a crash only means the event is published again, which
+                # A delete lost in a crash only means the event is published again, which
                 # consumers tolerate: the relay's cycle need not wait for the WAL flush.
                 cursor.execute("SET synchronous_commit = off")
                 cursor.execute("SELECT pg_try_advisory_lock(%s)", (RELAY_LOCK_KEY,))
                 (is_leader,) = cursor.fetchone() or (False,)
-                if not is_leader:
-                    self._stopped.wait(self._outbox.poll_interval_seconds)
-                    return
-                cursor.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            if not is_leader:
+                self._stopped.wait(self._outbox.poll_interval_seconds)
+                return
             log.info("outbox relay leads", extra={"fields": {}})
-            while True:
-                published = self._publish_batch(connection, producer)
-                if self._stopped.is_set():
-                    return  # after one last batch: what committed before the stop goes out
-                if published == self._outbox.batch_size:
-                    continue  # more are waiting
-                self._clean_up_if_due(connection)
-                _wait_for_notification(connection, self._outbox.poll_interval_seconds)
-                # Let the commits of a burst gather into one batch: one query, one produce
-                # request and one mark for many events instead of one each.
-                self._stopped.wait(self._outbox.linger_seconds)
+            self._publish_while_leading(connection, producer)
         finally:
             connection.close()  # also releases the advisory lock
 
-    def _publish_batch(self, connection: psycopg2.extensions.connection, producer: Producer) -> int:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT id, event_id, topic, message_key, event_type, source, payload, occur_time"
-                " FROM outbox_events WHERE publish_time IS NULL ORDER BY id LIMIT %s",
-                (self._outbox.batch_size,),
+    def _publish_while_leading(
+        self, connection: psycopg2.extensions.connection, producer: Producer
+    ) -> None:
+        prepared: set[str] = set()
+        idle_wait = self._outbox.linger_seconds
+        while True:
+            published = self._publish_batch(connection, prepared, producer)
+            if self._stopped.is_set():
+                return  # after one last batch: what committed before the stop goes out
+            if published == self._outbox.batch_size:
+                continue  # more are waiting
+            # Poll again soon while events keep coming, less and less often while none do.
+            idle_wait = (
+                self._outbox.linger_seconds
+                if published
+                else min(idle_wait * 2, self._outbox.poll_interval_seconds)
             )
+            if wake_up.wait(idle_wait):
+                # Let the commits of a burst gather into one batch: one query, one produce
+                # request and one delete for many events instead of one each.
+                self._stopped.wait(self._outbox.linger_seconds)
+
+    def _publish_batch(
+        self,
+        connection: psycopg2.extensions.connection,
+        prepared: set[str],
+        producer: Producer,
+    ) -> int:
+        with connection.cursor() as cursor:
+            SELECT_PENDING.run(cursor, {"limit": self._outbox.batch_size}, prepared)
             batch = [PendingEvent(*row) for row in cursor.fetchall()]
         if not batch:
             return 0
         acknowledged, failures = _deliver(producer, batch, self._outbox.publish_timeout_seconds)
         if acknowledged:
             with connection.cursor() as cursor:
-                cursor.execute(
-                    "UPDATE outbox_events SET publish_time = now() WHERE id = ANY(%s)",
-                    (acknowledged,),
-                )
+                DELETE_PUBLISHED.run(cursor, {"ids": acknowledged}, prepared)
             self.published += len(acknowledged)
         if failures:
             raise PublishFailed(
                 f"{len(failures)} of {len(batch)} events not acknowledged: {failures[0]}"
             )
         return len(batch)
-
-    def _clean_up_if_due(self, connection: psycopg2.extensions.connection) -> None:
-        if time.monotonic() - self._last_cleanup < _CLEANUP_EVERY_SECONDS:
-            return
-        self._last_cleanup = time.monotonic()
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "DELETE FROM outbox_events WHERE id IN ("
-                " SELECT id FROM outbox_events"
-                " WHERE publish_time < now() - make_interval(secs => %s) LIMIT %s)",
-                (self._outbox.retention_seconds, _CLEANUP_BATCH),
-            )
-            if cursor.rowcount:
-                log.info("outbox cleaned", extra={"fields": {"deleted": cursor.rowcount}})
 
 
 class PublishFailed(Exception):
@@ -269,9 +314,3 @@ def _produce(
             return
         except BufferError:
             producer.poll(0.1)  # the local queue is full: serve delivery reports, then retry
-
-
-def _wait_for_notification(connection: psycopg2.extensions.connection, timeout: float) -> None:
-    if select.select([connection], [], [], timeout)[0]:
-        connection.poll()
-        connection.notifies.clear()

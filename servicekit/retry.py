@@ -9,6 +9,8 @@ from collections.abc import Callable, Collection
 from typing import TypeVar
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -45,9 +47,22 @@ def call_with_retry(
             out_of_time = time.monotonic() + delay > deadline
             if error.code() not in retryable or out_of_time or (stop and stop.is_set()):
                 raise
-        pause = random.uniform(0, delay)  # full jitter: retries of many callers spread out
+            asked_for = retry_delay(error)
+        # The server's RetryInfo first; else full jitter: retries of many callers spread out.
+        pause = asked_for or random.uniform(0, delay)
         if stop is not None:
             stop.wait(pause)
         else:
             time.sleep(pause)
         delay = min(delay * 2, max_delay)
+
+
+def retry_delay(error: grpc.RpcError) -> float | None:
+    """The delay a server asked for in a google.rpc.RetryInfo (e.g. when shedding load)."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]  # it is also a grpc.Call
+    for detail in status.details if status else []:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry_info = error_details_pb2.RetryInfo()
+            detail.Unpack(retry_info)
+            return float(retry_info.retry_delay.ToNanoseconds()) / 1e9
+    return None

@@ -88,7 +88,6 @@ class OutboxSettings:
     batch_size: int
     poll_interval_seconds: float
     linger_seconds: float
-    retention_seconds: float
     publish_timeout_seconds: float
 
     @classmethod
@@ -96,10 +95,24 @@ class OutboxSettings:
         return cls(
             relay_enabled=env_bool(env, "OUTBOX_RELAY_ENABLED", True),
             batch_size=env_int(env, "OUTBOX_BATCH_SIZE", 500, minimum=1),
-            poll_interval_seconds=env_float(env, "OUTBOX_POLL_INTERVAL_SECONDS", 1.0),
+            poll_interval_seconds=env_float(env, "OUTBOX_POLL_INTERVAL_SECONDS", 0.25),
             linger_seconds=env_float(env, "OUTBOX_LINGER_SECONDS", 0.005),
-            retention_seconds=env_float(env, "OUTBOX_RETENTION_SECONDS", 3600.0),
             publish_timeout_seconds=env_float(env, "OUTBOX_PUBLISH_TIMEOUT_SECONDS", 10.0),
+        )
+
+
+@dataclass(frozen=True)
+class BackpressureSettings:
+    """When a service sheds new work because accepted work is late (see servicekit.admission)."""
+
+    enabled: bool
+    delay_seconds: float
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> BackpressureSettings:
+        return cls(
+            enabled=env_bool(env, "BACKPRESSURE_ENABLED", True),
+            delay_seconds=env_float(env, "BACKPRESSURE_DELAY_SECONDS", 0.5),
         )
 
 
@@ -127,6 +140,7 @@ class ServiceSettings:
     log_level: str
     kafka: KafkaSettings
     outbox: OutboxSettings
+    backpressure: BackpressureSettings
 
     @classmethod
     def from_env(
@@ -154,4 +168,5 @@ class ServiceSettings:
             log_level=parse_log_level(env),
             kafka=KafkaSettings.from_env(env),
             outbox=OutboxSettings.from_env(env),
+            backpressure=BackpressureSettings.from_env(env),
         )

@@ -38,6 +38,9 @@ TEST_ENV = {
     "OUTBOX_RELAY_ENABLED": "false",
     "OUTBOX_POLL_INTERVAL_SECONDS": "0.5",
     "OUTBOX_PUBLISH_TIMEOUT_SECONDS": "3",
+    # Tests assert on every order they place: none may be shed (tests/test_backpressure.py
+    # turns shedding on for a server of its own).
+    "BACKPRESSURE_ENABLED": "false",
 }
 KAFKA = KafkaSettings.from_env(TEST_ENV)
 

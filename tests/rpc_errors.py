@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 
@@ -17,6 +17,26 @@ class RpcFailure:
     message: str
     reason: str
     field_violations: dict[str, str]
+    retry_delay_seconds: float | None = None  # from a google.rpc.RetryInfo
+
+
+def failure_of(status: status_pb2.Status) -> RpcFailure:
+    """A google.rpc.Status (as a call's trailer or a batch's per-item result), decoded."""
+    code = next(c for c in grpc.StatusCode if c.value[0] == status.code)
+    failure = RpcFailure(code, status.message, "", {})
+    info = error_details_pb2.ErrorInfo()
+    bad_request = error_details_pb2.BadRequest()
+    retry_info = error_details_pb2.RetryInfo()
+    for detail in status.details:  # Unpack answers whether the detail is of that type
+        if detail.Unpack(info):
+            failure.reason = info.reason
+        elif detail.Unpack(bad_request):
+            failure.field_violations = {
+                v.field: v.description for v in bad_request.field_violations
+            }
+        elif detail.Unpack(retry_info):
+            failure.retry_delay_seconds = retry_info.retry_delay.ToNanoseconds() / 1e9
+    return failure
 
 
 def call_fails(call: Callable[..., Any], request: Any) -> RpcFailure:
@@ -25,15 +45,7 @@ def call_fails(call: Callable[..., Any], request: Any) -> RpcFailure:
         call(request)
     except grpc.RpcError as error:
         status = rpc_status.from_call(error)  # type: ignore[arg-type]  # it is also a grpc.Call
-        reason, violations = "", {}
-        for detail in status.details if status else []:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                reason = info.reason
-            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad_request = error_details_pb2.BadRequest()
-                detail.Unpack(bad_request)
-                violations = {v.field: v.description for v in bad_request.field_violations}
-        return RpcFailure(error.code(), error.details() or "", reason, violations)
+        if status is None:
+            return RpcFailure(error.code(), error.details() or "", "", {})
+        return failure_of(status)
     raise AssertionError(f"expected {call} to fail")

@@ -17,9 +17,10 @@ from servicekit.errors import AlreadyExists, NotFound
 from servicekit.fields import parse_id, parse_request_id, to_timestamp
 from servicekit.idempotency import Creation, create_once
 from servicekit.jsonlog import mask_email
-from servicekit.outbox import event_params, new_event_id
+from servicekit.outbox import StagedEvent, new_event_id
 from servicekit.pagination import ListQuery, fetch_page
 from servicekit.server import ServiceDefinition, ServiceResources
+from servicekit.sql import Statement
 from user_service.validation import normalise_email, normalise_name
 
 
@@ -33,7 +34,7 @@ class UserRow(NamedTuple):
 
 
 USER_COLUMNS = ", ".join(UserRow._fields)
-SELECT_USER = f"SELECT {USER_COLUMNS} FROM users WHERE id = %(id)s::uuid"
+SELECT_USER = Statement(f"SELECT {USER_COLUMNS} FROM users WHERE id = %(id)s::uuid")
 
 
 def user_message(row: UserRow) -> users_pb2.User:
@@ -63,8 +64,8 @@ class UserServicer(users_pb2_grpc.UserServiceServicer):
             table="users",
             new_row=new_user,
             request_id=request_id,
-            event=event_params(
-                topic=self._users_topic, key=user.id, source=self._event_source, event=created
+            event=StagedEvent(
+                self._users_topic, key=user.id, source=self._event_source, event=created
             ),
             same_request=lambda earlier: (earlier.email, earlier.name) == (email, name),
         )

@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.rpc import status_pb2 as _status_pb2
 from google.type import money_pb2 as _money_pb2
 import builtins as _builtins
 import sys
@@ -229,3 +230,81 @@ class UpdateOrderStatusRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateOrderStatusRequest: _TypeAlias = UpdateOrderStatusRequest  # noqa: Y015
+
+@_typing.final
+class BatchUpdateOrderStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___UpdateOrderStatusRequest]:
+        """Required. 1 to 1000 changes, each of a different order."""
+
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___UpdateOrderStatusRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchUpdateOrderStatusRequest: _TypeAlias = BatchUpdateOrderStatusRequest  # noqa: Y015
+
+@_typing.final
+class BatchUpdateOrderStatusResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___OrderStatusUpdateResult]:
+        """One per request, in the order of the requests."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___OrderStatusUpdateResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchUpdateOrderStatusResponse: _TypeAlias = BatchUpdateOrderStatusResponse  # noqa: Y015
+
+@_typing.final
+class OrderStatusUpdateResult(_message.Message):
+    """What came of one change of a batch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def order(self) -> Global___Order:
+        """The order after the change (or unchanged, when it already had the status)."""
+
+    @_builtins.property
+    def error(self) -> _status_pb2.Status:
+        """Why the change was not applied: the status UpdateOrderStatus would have answered, with the
+        same ErrorInfo reason and BadRequest field violations in its details.
+        """
+
+    def __init__(
+        self,
+        *,
+        order: Global___Order | None = ...,
+        error: _status_pb2.Status | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "order", b"order", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "order", b"order", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["order", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___OrderStatusUpdateResult: _TypeAlias = OrderStatusUpdateResult  # noqa: Y015

@@ -55,6 +55,11 @@ class OrderServiceStub:
                 request_serializer=ecommerce_dot_v1_dot_orders__pb2.UpdateOrderStatusRequest.SerializeToString,
                 response_deserializer=ecommerce_dot_v1_dot_orders__pb2.Order.FromString,
                 _registered_method=True)
+        self.BatchUpdateOrderStatus = channel.unary_unary(
+                '/ecommerce.v1.OrderService/BatchUpdateOrderStatus',
+                request_serializer=ecommerce_dot_v1_dot_orders__pb2.BatchUpdateOrderStatusRequest.SerializeToString,
+                response_deserializer=ecommerce_dot_v1_dot_orders__pb2.BatchUpdateOrderStatusResponse.FromString,
+                _registered_method=True)
 
 
 class OrderServiceServicer:
@@ -89,6 +94,14 @@ class OrderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchUpdateOrderStatus(self, request, context):
+        """Applies up to 1000 status changes with one commit, each with the rules of UpdateOrderStatus.
+        Each change succeeds or fails on its own: the response has one result per request, in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +124,11 @@ def add_OrderServiceServicer_to_server(servicer, server):
                     servicer.UpdateOrderStatus,
                     request_deserializer=ecommerce_dot_v1_dot_orders__pb2.UpdateOrderStatusRequest.FromString,
                     response_serializer=ecommerce_dot_v1_dot_orders__pb2.Order.SerializeToString,
+            ),
+            'BatchUpdateOrderStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchUpdateOrderStatus,
+                    request_deserializer=ecommerce_dot_v1_dot_orders__pb2.BatchUpdateOrderStatusRequest.FromString,
+                    response_serializer=ecommerce_dot_v1_dot_orders__pb2.BatchUpdateOrderStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +240,33 @@ class OrderService:
             '/ecommerce.v1.OrderService/UpdateOrderStatus',
             ecommerce_dot_v1_dot_orders__pb2.UpdateOrderStatusRequest.SerializeToString,
             ecommerce_dot_v1_dot_orders__pb2.Order.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchUpdateOrderStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ecommerce.v1.OrderService/BatchUpdateOrderStatus',
+            ecommerce_dot_v1_dot_orders__pb2.BatchUpdateOrderStatusRequest.SerializeToString,
+            ecommerce_dot_v1_dot_orders__pb2.BatchUpdateOrderStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

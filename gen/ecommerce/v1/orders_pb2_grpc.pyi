@@ -41,6 +41,10 @@ class OrderServiceStub:
     """Lists orders, oldest first, optionally of one user (AIP-158 pagination)."""
     UpdateOrderStatus: _grpc.UnaryUnaryMultiCallable[_orders_pb2.UpdateOrderStatusRequest, _orders_pb2.Order]
     """Moves an order to a new status. Setting the status it already has is a no-op."""
+    BatchUpdateOrderStatus: _grpc.UnaryUnaryMultiCallable[_orders_pb2.BatchUpdateOrderStatusRequest, _orders_pb2.BatchUpdateOrderStatusResponse]
+    """Applies up to 1000 status changes with one commit, each with the rules of UpdateOrderStatus.
+    Each change succeeds or fails on its own: the response has one result per request, in order.
+    """
 
 @_typing.type_check_only
 class OrderServiceAsyncStub(OrderServiceStub):
@@ -55,6 +59,10 @@ class OrderServiceAsyncStub(OrderServiceStub):
     """Lists orders, oldest first, optionally of one user (AIP-158 pagination)."""
     UpdateOrderStatus: _aio.UnaryUnaryMultiCallable[_orders_pb2.UpdateOrderStatusRequest, _orders_pb2.Order]  # type: ignore[assignment]
     """Moves an order to a new status. Setting the status it already has is a no-op."""
+    BatchUpdateOrderStatus: _aio.UnaryUnaryMultiCallable[_orders_pb2.BatchUpdateOrderStatusRequest, _orders_pb2.BatchUpdateOrderStatusResponse]  # type: ignore[assignment]
+    """Applies up to 1000 status changes with one commit, each with the rules of UpdateOrderStatus.
+    Each change succeeds or fails on its own: the response has one result per request, in order.
+    """
 
 class OrderServiceServicer(metaclass=_abc_1.ABCMeta):
     """Manages orders."""
@@ -90,5 +98,15 @@ class OrderServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_orders_pb2.Order, _abc.Awaitable[_orders_pb2.Order]]:
         """Moves an order to a new status. Setting the status it already has is a no-op."""
+
+    @_abc_1.abstractmethod
+    def BatchUpdateOrderStatus(
+        self,
+        request: _orders_pb2.BatchUpdateOrderStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orders_pb2.BatchUpdateOrderStatusResponse, _abc.Awaitable[_orders_pb2.BatchUpdateOrderStatusResponse]]:
+        """Applies up to 1000 status changes with one commit, each with the rules of UpdateOrderStatus.
+        Each change succeeds or fails on its own: the response has one result per request, in order.
+        """
 
 def add_OrderServiceServicer_to_server(servicer: OrderServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
