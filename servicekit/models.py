@@ -98,6 +98,7 @@ class OutboxEventRecord(Base):
     """
 
     __tablename__ = "outbox_events"
+    __table_args__ = (Index("outbox_events_source_id_idx", "source", "id"),)
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     event_id: Mapped[uuid.UUID] = mapped_column(Uuid, unique=True)

@@ -3,8 +3,9 @@ and an OutboxRelay publishes them to Kafka, deleting a row only once the broker 
 it. A crash anywhere loses nothing: unpublished rows are sent on the next start (possibly twice;
 consumers deduplicate by event id).
 
-Exactly one relay publishes at a time (a PostgreSQL advisory lock elects it), so rows leave in
-id order and several replicas of a service never publish the same row concurrently. The leader
+Each service publishes the events it wrote (its CloudEvents source). Of its replicas exactly one
+relay publishes at a time (a PostgreSQL advisory lock elects it), so rows leave in id order and
+replicas never publish the same row concurrently. The leader
 polls: often while rows keep coming, less and less often while none do, and at once when a writer
 of its own process says it staged an event (`OutboxWakeUp`). A NOTIFY trigger would wake it
 without polling, but every notifying commit takes a database-wide lock held through commit, so
@@ -32,8 +33,9 @@ from servicekit.sql import Statement
 
 log = logging.getLogger("servicekit.outbox")
 
-# pg_advisory_lock key held by the publishing relay: any fixed 64-bit number unique to this use.
-RELAY_LOCK_KEY = 0x6F7574626F78  # "outbox"
+# pg_advisory_lock(class, id) held by the publishing relay of a source: the class is any fixed
+# 32-bit number unique to this use, the id the hash of the source.
+RELAY_LOCK_CLASS = 0x6F7574  # "out"
 _MAX_BACKOFF_SECONDS = 10.0
 
 
@@ -53,6 +55,11 @@ class Event(Protocol):
 
 def new_event_id() -> str:
     return str(uuid.uuid4())
+
+
+def event_source(service_name: str) -> str:
+    """The CloudEvents ce_source of the events a service writes; its relay publishes them."""
+    return f"/ecommerce/{service_name}"
 
 
 @dataclass(frozen=True)
@@ -143,19 +150,20 @@ class PendingEvent:
 
 SELECT_PENDING = Statement(
     "SELECT id, event_id, topic, message_key, event_type, source, payload, occur_time"
-    " FROM outbox_events ORDER BY id LIMIT %(limit)s"
+    " FROM outbox_events WHERE source = %(source)s ORDER BY id LIMIT %(limit)s"
 )
 DELETE_PUBLISHED = Statement("DELETE FROM outbox_events WHERE id = ANY(%(ids)s::bigint[])")
 
 
 class OutboxRelay:
-    """A background thread that publishes committed outbox rows to Kafka."""
+    """A background thread that publishes the committed outbox rows of one source to Kafka."""
 
     def __init__(
         self,
         database_url: str,
         kafka: KafkaSettings,
         outbox: OutboxSettings,
+        source: str,
         client_id: str,
     ) -> None:
         self._connect_args = make_url(database_url).translate_connect_args(
@@ -163,6 +171,7 @@ class OutboxRelay:
         )
         self._kafka = kafka
         self._outbox = outbox
+        self._source = source
         self._client_id = client_id
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="outbox-relay", daemon=True)
@@ -211,7 +220,10 @@ class OutboxRelay:
                 # A delete lost in a crash only means the event is published again, which
                 # consumers tolerate: the relay's cycle need not wait for the WAL flush.
                 cursor.execute("SET synchronous_commit = off")
-                cursor.execute("SELECT pg_try_advisory_lock(%s)", (RELAY_LOCK_KEY,))
+                cursor.execute(
+                    "SELECT pg_try_advisory_lock(%s, hashtext(%s))",
+                    (RELAY_LOCK_CLASS, self._source),
+                )
                 (is_leader,) = cursor.fetchone() or (False,)
             if not is_leader:
                 self._stopped.wait(self._outbox.poll_interval_seconds)
@@ -250,7 +262,8 @@ class OutboxRelay:
         producer: Producer,
     ) -> int:
         with connection.cursor() as cursor:
-            SELECT_PENDING.run(cursor, {"limit": self._outbox.batch_size}, prepared)
+            pending = {"source": self._source, "limit": self._outbox.batch_size}
+            SELECT_PENDING.run(cursor, pending, prepared)
             batch = [PendingEvent(*row) for row in cursor.fetchall()]
         if not batch:
             return 0

@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 from servicekit.db import create_db_engine, database_answers
 from servicekit.interceptors import RpcBoundary
 from servicekit.jsonlog import configure_logging
-from servicekit.outbox import OutboxRelay
+from servicekit.outbox import OutboxRelay, event_source
 from servicekit.settings import ServiceSettings, SettingsError
 from servicekit.sql import Database
 
@@ -44,7 +44,7 @@ class ServiceResources:
     @property
     def event_source(self) -> str:
         """The CloudEvents ce_source of the events this service writes."""
-        return f"/ecommerce/{self.settings.service_name}"
+        return event_source(self.settings.service_name)
 
 
 def set_serving(health_servicer: health.HealthServicer, names: list[str], serving: bool) -> None:
@@ -157,7 +157,11 @@ def start_service(definition: ServiceDefinition, settings: ServiceSettings) -> R
     relay = None
     if settings.outbox.relay_enabled:
         relay = OutboxRelay(
-            settings.database_url, settings.kafka, settings.outbox, settings.service_name
+            settings.database_url,
+            settings.kafka,
+            settings.outbox,
+            event_source(settings.service_name),
+            settings.service_name,
         )
         relay.start()
     server.start()

@@ -16,7 +16,7 @@ from sqlalchemy import Engine, create_engine
 
 from order_service.service import DEFINITION as ORDER_SERVICE
 from servicekit.kafka import ensure_topics
-from servicekit.outbox import OutboxRelay
+from servicekit.outbox import OutboxRelay, event_source
 from servicekit.schema import recreate_disposable_database
 from servicekit.server import RunningService, ServiceDefinition, start_service
 from servicekit.settings import KafkaSettings, OutboxSettings, ServiceSettings
@@ -53,12 +53,14 @@ def service_settings(service_name: str, **env: str) -> ServiceSettings:
     )
 
 
-def new_relay(**env: str) -> OutboxRelay:
+def new_relay(service_name: str = "order_service", **env: str) -> OutboxRelay:
+    """A relay of the service's events, as the service would run it."""
     merged = {**TEST_ENV, **env}
     return OutboxRelay(
         TEST_DATABASE_URL,
         KafkaSettings.from_env(merged),
         OutboxSettings.from_env(merged),
+        event_source(service_name),
         client_id=f"test-relay-{uuid.uuid4().hex[:6]}",
     )
 
@@ -88,20 +90,22 @@ def engine(database_url: str) -> Iterator[Engine]:
 
 
 class RelayHandle:
-    """The run's outbox relay; a test may stop it to simulate an outage, then start a new one."""
+    """The run's outbox relays, one per service; a test may stop them to simulate an outage,
+    then start new ones."""
 
     def __init__(self) -> None:
-        self.current: OutboxRelay | None = None
+        self.current: list[OutboxRelay] = []
 
     def start(self) -> None:
-        if self.current is None:
-            self.current = new_relay()
-            self.current.start()
+        if not self.current:
+            self.current = [new_relay("user_service"), new_relay("order_service")]
+            for relay in self.current:
+                relay.start()
 
     def stop(self) -> None:
-        if self.current is not None:
-            self.current.stop()
-            self.current = None
+        for relay in self.current:
+            relay.stop()
+        self.current = []
 
 
 @pytest.fixture(scope="session")

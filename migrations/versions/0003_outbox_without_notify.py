@@ -1,7 +1,8 @@
 """The outbox holds only unpublished events, and inserts no longer notify.
 
 The relay deletes a row once the broker acknowledged it (no publish mark, no cleanup), and finds
-rows by polling: a NOTIFY at commit serialises the commits of every writer.
+rows by polling: a NOTIFY at commit serialises the commits of every writer. Each service's relay
+reads the rows of its own source, in id order.
 
 Revision ID: 0003
 Revises: 0002
@@ -26,9 +27,11 @@ def upgrade() -> None:
     op.drop_index("outbox_events_publish_time_idx", table_name="outbox_events")
     op.drop_index("outbox_events_unpublished_idx", table_name="outbox_events")
     op.drop_column("outbox_events", "publish_time")
+    op.create_index("outbox_events_source_id_idx", "outbox_events", ["source", "id"])
 
 
 def downgrade() -> None:
+    op.drop_index("outbox_events_source_id_idx", table_name="outbox_events")
     op.add_column(
         "outbox_events", sa.Column("publish_time", sa.DateTime(timezone=True), nullable=True)
     )
