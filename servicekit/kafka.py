@@ -35,7 +35,7 @@ def producer_config(settings: KafkaSettings, client_id: str, **overrides: Any) -
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 5,
-        "compression.type": "lz4",
+        "compression.type": settings.compression,
         **overrides,
     }
 

@@ -57,6 +57,16 @@ def env_text(env: Mapping[str, str], name: str, default: str) -> str:
     return value.strip()
 
 
+_COMPRESSION_TYPES = ("none", "gzip", "snappy", "lz4", "zstd")
+
+
+def _compression(env: Mapping[str, str]) -> str:
+    value = env_text(env, "KAFKA_COMPRESSION", "lz4").lower()
+    if value not in _COMPRESSION_TYPES:
+        raise SettingsError(f"KAFKA_COMPRESSION must be one of {', '.join(_COMPRESSION_TYPES)}")
+    return value
+
+
 @dataclass(frozen=True)
 class KafkaSettings:
     """Where events go. Topic names are settings so that test runs can use topics of their own."""
@@ -67,6 +77,7 @@ class KafkaSettings:
     orders_dlq_topic: str
     topic_partitions: int
     replication_factor: int
+    compression: str
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> KafkaSettings:
@@ -77,6 +88,7 @@ class KafkaSettings:
             orders_dlq_topic=env_text(env, "KAFKA_ORDERS_DLQ_TOPIC", "ecommerce.orders.v1.dlq"),
             topic_partitions=env_int(env, "KAFKA_TOPIC_PARTITIONS", 3, minimum=1),
             replication_factor=env_int(env, "KAFKA_REPLICATION_FACTOR", 1, minimum=1),
+            compression=_compression(env),
         )
 
 
@@ -112,7 +124,7 @@ class BackpressureSettings:
     def from_env(cls, env: Mapping[str, str]) -> BackpressureSettings:
         return cls(
             enabled=env_bool(env, "BACKPRESSURE_ENABLED", True),
-            delay_seconds=env_float(env, "BACKPRESSURE_DELAY_SECONDS", 0.5),
+            delay_seconds=env_float(env, "BACKPRESSURE_DELAY_SECONDS", 0.25),
         )
 
 
