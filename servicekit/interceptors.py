@@ -13,12 +13,15 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from servicekit.call_scope import CallScope
-from servicekit.errors import Cancelled, DeadlineExceeded, ServiceError, Unavailable
+from servicekit.errors import Cancelled, DeadlineExceeded, ServiceError, Unavailable, excerpt
 
 log = logging.getLogger("servicekit.rpc")
 
 # Request fields worth a place in the access log: ids only, never personal data.
 _LOGGED_ID_FIELDS = ("id", "user_id", "request_id")
+# A UUID has 36 characters; whatever a client sends instead is logged as an excerpt, so that a
+# log line stays short whatever the input.
+_LOGGED_ID_CHARS = 40
 
 QUERY_CANCELED = "57014"  # PostgreSQL: statement_timeout, or a cancel request
 # The database is down, restarting or out of connections (or a statement was cancelled): the
@@ -107,8 +110,8 @@ def _log_rpc(
     }
     declared = request.DESCRIPTOR.fields_by_name
     for name in _LOGGED_ID_FIELDS:
-        if name in declared and getattr(request, name):
-            fields[name] = getattr(request, name)
+        if name in declared and (value := getattr(request, name)):
+            fields[name] = value if len(value) <= _LOGGED_ID_CHARS else excerpt(value)
     fields.update(annotations)
     log.info("rpc", extra={"fields": fields})
 

@@ -21,6 +21,8 @@ from servicekit.sql import Database
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 _TOKEN_VERSION = 1
+# Tokens carry the list's filter (a UUID at most) and a cursor: well under this.
+MAX_PAGE_TOKEN_CHARS = 1024
 
 
 def page_size(requested: int) -> int:
@@ -57,6 +59,8 @@ def decode_page_token(token: str, list_filter: str) -> Cursor | None:
     invalid = InvalidArgument(
         "page_token", "is not a token returned by a previous call of this list"
     )
+    if len(token) > MAX_PAGE_TOKEN_CHARS:
+        raise invalid  # a token of ours is a few hundred characters: nothing longer is parsed
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         payload = json.loads(raw)
@@ -73,7 +77,7 @@ def decode_page_token(token: str, list_filter: str) -> Cursor | None:
         return Cursor(create_time=create_time, id=uuid.UUID(payload["i"]))
     except InvalidArgument:
         raise
-    except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError):
+    except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
         raise invalid from None
 
 
