@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import os
+import unicodedata
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,7 +24,7 @@ from sqlalchemy import Engine, text
 
 from servicekit.server import RunningService
 from tests.conftest import RelayHandle
-from tests.rpc_errors import RpcFailure, call_fails
+from tests.rpc_errors import RpcFailure, call_fails, failure_of
 
 settings.register_profile(
     "ci",
@@ -77,7 +78,11 @@ emails = st.one_of(
 )
 request_ids = st.one_of(st.just(""), uuids, texts)
 page_tokens = st.one_of(
-    st.just(""), texts, st.binary(max_size=200).map(lambda b: base64.urlsafe_b64encode(b).decode())
+    st.just(""),
+    texts,
+    st.binary(max_size=200).map(lambda b: base64.urlsafe_b64encode(b).decode()),
+    # Nested JSON, deeper than the parser's recursion limit at the top end.
+    st.integers(1, 100_000).map(lambda depth: base64.urlsafe_b64encode(b"[" * depth).decode()),
 )
 currency_codes = st.one_of(st.sampled_from(["USD", "EUR", "JPY", "usd", "", "US", "EURO"]), texts)
 amounts = st.one_of(
@@ -217,6 +222,68 @@ def test_update_order_status(
     failure = assert_proper_failure_or_success(orders.UpdateOrderStatus, request, engine)
     if failure is not None:
         assert orders.GetOrder(orders_pb2.GetOrderRequest(id=target.id)) == target
+
+
+def is_shown_as_itself(text: str) -> bool:
+    """No control, format (but the joiners), surrogate or private-use character."""
+    hidden = {"Cc", "Cf", "Cs", "Co"}
+    return all(unicodedata.category(c) not in hidden or c in "\u200c\u200d" for c in text)
+
+
+@given(name=texts)
+def test_accepted_names_are_shown_as_themselves_and_in_nfc(
+    users: users_pb2_grpc.UserServiceStub, name: str
+) -> None:
+    request = users_pb2.CreateUserRequest(email=f"u.{uuid.uuid4().hex}@example.com", name=name)
+    try:
+        created = users.CreateUser(request, timeout=10)
+    except grpc.RpcError as error:
+        assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, error
+        return
+    assert is_shown_as_itself(created.name)
+    assert unicodedata.is_normalized("NFC", created.name)
+
+
+batch_items = st.builds(
+    orders_pb2.UpdateOrderStatusRequest,
+    id=ids,
+    status=statuses,
+    reason=st.one_of(st.just(""), texts),
+)
+
+
+@given(items=st.lists(batch_items, max_size=30), fresh=st.integers(0, 5))
+def test_batch_update_order_status(
+    orders: orders_pb2_grpc.OrderServiceStub,
+    existing_order: orders_pb2.Order,
+    engine: Engine,
+    items: list[orders_pb2.UpdateOrderStatusRequest],
+    fresh: int,
+) -> None:
+    created = [
+        orders.CreateOrder(
+            orders_pb2.CreateOrderRequest(
+                user_id=existing_order.user_id, amount=existing_order.amount
+            )
+        )
+        for _ in range(fresh)
+    ]
+    processed = orders_pb2.ORDER_STATUS_PROCESSED
+    changes = [
+        *items,
+        *(orders_pb2.UpdateOrderStatusRequest(id=o.id, status=processed) for o in created),
+    ]
+    request = orders_pb2.BatchUpdateOrderStatusRequest(requests=changes)
+    try:
+        response = orders.BatchUpdateOrderStatus(request, timeout=10)
+    except grpc.RpcError:
+        failure = call_fails(orders.BatchUpdateOrderStatus, request)
+        assert failure.code is grpc.StatusCode.INVALID_ARGUMENT and not changes, failure
+        return
+    assert len(response.results) == len(changes)
+    for result in response.results:
+        if result.HasField("error"):
+            assert failure_of(result.error).code in EXPECTED_CODES, result.error
 
 
 def test_servers_are_still_healthy(
