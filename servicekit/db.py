@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import Engine, MetaData, create_engine, event, text
+from sqlalchemy import Engine, MetaData, create_engine, event, make_url, text
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import DeclarativeBase
 
@@ -88,3 +88,9 @@ def violated_constraint(error: Exception) -> str | None:
     error, or one SQLAlchemy wraps)."""
     diag = getattr(getattr(error, "orig", error), "diag", None)
     return getattr(diag, "constraint_name", None)
+
+
+def libpq_dsn(database_url: str) -> str:
+    """The SQLAlchemy URL as a libpq connection URI for a plain psycopg2 connection, with every
+    option of its query string (sslmode, sslrootcert, target_session_attrs, …) kept."""
+    return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)

@@ -25,8 +25,8 @@ from typing import Any, Protocol
 import psycopg2
 import psycopg2.extensions
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
-from sqlalchemy import make_url
 
+from servicekit.db import libpq_dsn
 from servicekit.kafka import cloudevent_headers, producer_config
 from servicekit.settings import KafkaSettings, OutboxSettings
 from servicekit.sql import Statement
@@ -166,9 +166,7 @@ class OutboxRelay:
         source: str,
         client_id: str,
     ) -> None:
-        self._connect_args = make_url(database_url).translate_connect_args(
-            username="user", database="dbname"
-        )
+        self._dsn = libpq_dsn(database_url)
         self._kafka = kafka
         self._outbox = outbox
         self._source = source
@@ -212,7 +210,7 @@ class OutboxRelay:
     def _lead(self, producer: Producer) -> None:
         """Publishes while this relay holds the leader lock; returns when it cannot get it."""
         connection = psycopg2.connect(
-            **self._connect_args, connect_timeout=3, application_name=f"{self._client_id}-relay"
+            self._dsn, connect_timeout=3, application_name=f"{self._client_id}-relay"
         )
         try:
             connection.autocommit = True

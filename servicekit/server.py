@@ -129,6 +129,23 @@ class RunningService:
         self._engine.dispose()
 
 
+def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
+    """Bounds on what one client can make the server hold: message size, idle and old
+    connections (closed, so that clients reconnect and spread over replicas), and keepalive
+    pings (a client pinging more often than every 30 s without calls is disconnected)."""
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_connection_idle_ms", int(settings.max_connection_idle_seconds * 1000)),
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(settings.shutdown_grace_seconds * 1000)),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
+
+
 def start_service(definition: ServiceDefinition, settings: ServiceSettings) -> RunningService:
     """Builds and starts the server. Port 0 picks a free port, reported as `RunningService.port`."""
     engine = create_db_engine(settings)
@@ -137,7 +154,8 @@ def start_service(definition: ServiceDefinition, settings: ServiceSettings) -> R
             max_workers=settings.max_workers, thread_name_prefix=settings.service_name
         ),
         interceptors=[RpcBoundary()],
-        options=[("grpc.max_receive_message_length", settings.max_message_bytes)],
+        options=server_options(settings),
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
     definition.register(
         server,

@@ -145,6 +145,9 @@ class ServiceSettings:
     database_url: str
     max_workers: int
     max_message_bytes: int
+    max_concurrent_rpcs: int
+    max_connection_idle_seconds: float
+    max_connection_age_seconds: float
     db_pool_size: int
     db_statement_timeout_seconds: float
     shutdown_grace_seconds: float
@@ -171,6 +174,9 @@ class ServiceSettings:
             database_url=env.get("DATABASE_URL", DEFAULT_DATABASE_URL),
             max_workers=max_workers,
             max_message_bytes=env_int(env, "GRPC_MAX_MESSAGE_BYTES", 1024 * 1024, minimum=1024),
+            max_concurrent_rpcs=env_int(env, "GRPC_MAX_CONCURRENT_RPCS", 256, minimum=1),
+            max_connection_idle_seconds=env_float(env, "GRPC_MAX_CONNECTION_IDLE_SECONDS", 300.0),
+            max_connection_age_seconds=env_float(env, "GRPC_MAX_CONNECTION_AGE_SECONDS", 1800.0),
             # One connection per RPC thread and one for the health probe: a pool smaller than
             # that opens and closes connections under load (measured: 4x the e2e latency).
             db_pool_size=env_int(env, "DB_POOL_SIZE", max_workers + 1, minimum=1),

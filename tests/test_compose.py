@@ -64,7 +64,8 @@ def test_service_runs_its_module_on_its_port(compose: dict[str, Any], module: st
     assert set(environment) <= variables_read_by(module), "compose sets a variable nothing reads"
     assert port_variable in variables_read_by(module)
     assert int(environment[port_variable]) == default_port
-    assert service["ports"] == [f"{default_port}:{default_port}"]
+    # Published on the host's loopback only, unless PUBLISH_HOST says otherwise.
+    assert service["ports"] == [f"${{PUBLISH_HOST:-127.0.0.1}}:{default_port}:{default_port}"]
     assert environment["GRPC_LISTEN_HOST"] == "0.0.0.0"  # reachable from outside its container
     assert service["healthcheck"]["test"] == [
         "CMD",

@@ -16,8 +16,10 @@ from google.type import money_pb2
 from sqlalchemy import Connection, Engine, text
 
 from chaos.processes import wait_until
+from order_service.service import DEFINITION as ORDER_SERVICE
 from servicekit.healthcheck import is_serving
-from servicekit.server import RunningService
+from servicekit.server import RunningService, start_service
+from tests.conftest import service_settings
 
 
 def test_request_over_the_size_limit_is_resource_exhausted(
@@ -136,3 +138,30 @@ def test_a_cancelled_call_has_its_statement_cancelled(
     # The pool discards the cancelled connection: later calls are served normally.
     for _ in range(20):
         orders.GetOrder(orders_pb2.GetOrderRequest(id=order.id), timeout=5)
+
+
+def test_calls_past_the_concurrency_limit_are_refused_at_once(
+    locked_order: tuple[orders_pb2.Order, Connection], engine: Engine
+) -> None:
+    order, blocker = locked_order
+    running = start_service(
+        ORDER_SERVICE, service_settings("order_service", GRPC_MAX_CONCURRENT_RPCS="2")
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = orders_pb2_grpc.OrderServiceStub(channel)
+            change = orders_pb2.UpdateOrderStatusRequest(
+                id=order.id, status=orders_pb2.ORDER_STATUS_FAILED
+            )
+            held = [stub.UpdateOrderStatus.future(change, timeout=30) for _ in range(2)]
+            assert wait_until(lambda: statements_waiting_on_locks(engine) >= 1, timeout=5)
+
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.GetOrder(orders_pb2.GetOrderRequest(id=order.id), timeout=5)
+            assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+            blocker.rollback()  # the held calls finish, and the server takes calls again
+            assert {call.result().status for call in held} == {orders_pb2.ORDER_STATUS_FAILED}
+            assert stub.GetOrder(orders_pb2.GetOrderRequest(id=order.id), timeout=5).id == order.id
+    finally:
+        running.stop(grace_seconds=1)

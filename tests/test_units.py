@@ -9,11 +9,13 @@ from decimal import Decimal
 import pytest
 from ecommerce.v1 import orders_pb2
 from google.type import money_pb2
+from psycopg2.extensions import parse_dsn
 
 from bench.run import create_order_script
 from order_service.status import order_status_transition
 from processor.rules import CurrencyAndLimitRule
 from processor.settings import ProcessorSettings
+from servicekit.db import libpq_dsn
 from servicekit.errors import FailedPrecondition, InvalidArgument
 from servicekit.kafka import cloudevent_headers
 from servicekit.money import decimal_to_money, money_to_decimal
@@ -131,3 +133,20 @@ def test_pgbench_runs_every_parameter_of_create_orders_statement() -> None:
     script = create_order_script(str(uuid.uuid4()), b"\x0a\x01")
     assert "%(" not in script  # every parameter has a pgbench stand-in
     assert "INSERT INTO orders" in script and "INSERT INTO outbox_events" in script
+
+
+def test_the_relay_connects_with_every_option_of_the_database_url() -> None:
+    url = (
+        "postgresql+psycopg2://app:p%40ss@db.internal:6432/shop"
+        "?sslmode=verify-full&sslrootcert=/run/secrets/ca.pem&target_session_attrs=read-write"
+    )
+    assert parse_dsn(libpq_dsn(url)) == {
+        "user": "app",
+        "password": "p@ss",
+        "host": "db.internal",
+        "port": "6432",
+        "dbname": "shop",
+        "sslmode": "verify-full",
+        "sslrootcert": "/run/secrets/ca.pem",
+        "target_session_attrs": "read-write",
+    }
