@@ -98,9 +98,10 @@ chaos-cluster: venv ## kill -9 of one broker of a three-node cluster under load;
 	KAFKA_BOOTSTRAP_SERVERS=$(CLUSTER_BOOTSTRAP) KAFKA_REPLICATION_FACTOR=3 \
 	  $(PY) -m chaos --profile cluster --results chaos/RESULTS-cluster.md
 
-bench: venv infra-up ## RPC, DB, Kafka and end-to-end figures beside their ceilings; bench/RESULTS.md
+# BENCH_ARGS=--quick: a development run of a few minutes (prints, writes no RESULTS.md).
+bench: venv infra-up ## Cost per order, max sustainable rate, overload, soak (~20 min); bench/RESULTS.md
 	bash scripts/tools.sh --with-ghz
-	$(PY) -m bench.run
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 bench-e2e: venv ## CreateOrder -> PROCESSED latency through the running stack (make run first)
 	$(PY) -m bench.e2e_latency

@@ -13,17 +13,20 @@ OrderStatusChanged events. Prints two figures per percentile:
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 
 import grpc
 from confluent_kafka import OFFSET_END, Consumer, TopicPartition
 from ecommerce.events.v1 import events_pb2
 from ecommerce.v1 import orders_pb2, orders_pb2_grpc, users_pb2, users_pb2_grpc
+from google.rpc import error_details_pb2, status_pb2
 from google.type import money_pb2
 
 from servicekit.kafka import header
@@ -65,6 +68,29 @@ class StatusWatcher:
             consumer.close()
 
 
+def start_watcher(kafka: KafkaSettings) -> StatusWatcher:
+    """A StatusWatcher polling in a daemon thread; returns once orders sent from now on are seen."""
+    watcher = StatusWatcher(kafka)
+    threading.Thread(target=watcher.run, daemon=True).start()
+    if not watcher.ready.wait(15):
+        raise SystemExit("could not read the orders topic: is the stack up?")
+    return watcher
+
+
+def create_users(user_service: str, count: int) -> list[str]:
+    """`count` new users, whose ids the orders take turns with."""
+    with grpc.insecure_channel(user_service) as channel:
+        users = users_pb2_grpc.UserServiceStub(channel)
+        return [
+            users.CreateUser(
+                users_pb2.CreateUserRequest(
+                    email=f"bench.{uuid.uuid4().hex[:10]}@example.com", name="Bench"
+                )
+            ).id
+            for _ in range(count)
+        ]
+
+
 def percentiles(samples_ms: list[float]) -> dict[str, float]:
     cuts = statistics.quantiles(samples_ms, n=100, method="inclusive")
     return {"p50": cuts[49], "p95": cuts[94], "p99": cuts[98], "max": max(samples_ms)}
@@ -80,12 +106,64 @@ class E2eLatency:
     processed_per_second: float  # orders that reached PROCESSED, from first call to last event
 
 
-def _send_at_rate(
-    orders: orders_pb2_grpc.OrderServiceStub, user_ids: list[str], count: int, rate: float
-) -> dict[str, tuple[float, orders_pb2.Order]]:
+def carries_retry_info(call: grpc.Call) -> bool:
+    """Whether a refused call's google.rpc.Status details (trailer grpc-status-details-bin)
+    include a RetryInfo."""
+    for key, value in call.trailing_metadata() or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            details = status_pb2.Status.FromString(value).details
+            retry_info = error_details_pb2.RetryInfo.DESCRIPTOR.full_name
+            return any(detail.TypeName() == retry_info for detail in details)
+    return False
+
+
+@dataclass
+class SentOrders:
+    """What an open-loop run sent: the orders accepted, and the calls refused by status code."""
+
+    accepted: dict[str, tuple[float, orders_pb2.Order]] = field(default_factory=dict)
+    refused: Counter[str] = field(default_factory=Counter)
+    refused_with_retry_info: int = 0
+    calls: int = 0
+    unanswered: int = 0  # no reply within the wait for replies
+    first_sent: float = 0.0  # time.monotonic()
+    last_sent: float = 0.0
+
+    @property
+    def sent_per_second(self) -> float:
+        return max(self.calls - 1, 1) / max(self.last_sent - self.first_sent, 1e-9)
+
+    def record(self, sent_at: float, call: grpc.Future[orders_pb2.Order]) -> None:
+        error = call.exception()
+        if error is None:
+            order = call.result()
+            self.accepted[order.id] = (sent_at, order)
+            return
+        code = error.code() if isinstance(error, grpc.Call) else None
+        self.refused[code.name if code is not None else type(error).__name__] += 1
+        if isinstance(error, grpc.Call) and carries_retry_info(error):
+            self.refused_with_retry_info += 1
+
+
+def send_at_rate(
+    orders: orders_pb2_grpc.OrderServiceStub,
+    user_ids: list[str],
+    count: int,
+    rate: float,
+    reply_timeout: float = 30.0,
+) -> SentOrders:
     """Open loop: each order is sent at its scheduled time, whether or not earlier ones have
-    returned (a slow reply must not lower the offered rate). Users take turns."""
-    calls = []
+    returned (a slow reply must not lower the offered rate). Users take turns. Returns once
+    every call has replied, or `reply_timeout` after the last was sent."""
+    sent = SentOrders(calls=count)
+    lock = threading.Lock()
+    replies = threading.Semaphore(0)
+
+    def on_reply(sent_at: float, call: grpc.Future[orders_pb2.Order]) -> None:
+        with lock:
+            sent.record(sent_at, call)
+        replies.release()
+
     started = time.monotonic()
     for n in range(count):
         time.sleep(max(0.0, started + n / rate - time.monotonic()))
@@ -93,11 +171,17 @@ def _send_at_rate(
             user_id=user_ids[n % len(user_ids)],
             amount=money_pb2.Money(currency_code="USD", units=10 + n % 90),
         )
-        calls.append((time.monotonic(), orders.CreateOrder.future(request, timeout=30)))
-    sent = {}
-    for sent_at, call in calls:
-        order = call.result()
-        sent[order.id] = (sent_at, order)
+        sent_at = time.monotonic()
+        call = orders.CreateOrder.future(request, timeout=reply_timeout)
+        call.add_done_callback(functools.partial(on_reply, sent_at))
+        sent.first_sent = sent.first_sent or sent_at
+        sent.last_sent = sent_at
+    deadline = time.monotonic() + reply_timeout + 5
+    answered = 0
+    while answered < count and replies.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        answered += 1
+    with lock:
+        sent.unanswered = count - answered
     return sent
 
 
@@ -112,26 +196,12 @@ def measure(
 ) -> E2eLatency:
     """Sends `orders_to_send` orders of `user_count` users at `rate` per second and times each to
     its terminal status."""
-    watcher = StatusWatcher(kafka)
-    threading.Thread(target=watcher.run, daemon=True).start()
-    if not watcher.ready.wait(15):
-        raise SystemExit("could not read the orders topic: is the stack up?")
-    with (
-        grpc.insecure_channel(user_service) as user_channel,
-        grpc.insecure_channel(order_service) as order_channel,
-    ):
-        users = users_pb2_grpc.UserServiceStub(user_channel)
-        user_ids = [
-            users.CreateUser(
-                users_pb2.CreateUserRequest(
-                    email=f"bench.{uuid.uuid4().hex[:10]}@example.com", name="Bench"
-                )
-            ).id
-            for _ in range(user_count)
-        ]
-        sent = _send_at_rate(
-            orders_pb2_grpc.OrderServiceStub(order_channel), user_ids, orders_to_send, rate
-        )
+    watcher = start_watcher(kafka)
+    user_ids = create_users(user_service, user_count)
+    with grpc.insecure_channel(order_service) as order_channel:
+        orders = orders_pb2_grpc.OrderServiceStub(order_channel)
+        run = send_at_rate(orders, user_ids, orders_to_send, rate)
+    sent = run.accepted
 
     deadline = time.monotonic() + timeout
     while len(sent.keys() & watcher.seen.keys()) < len(sent) and time.monotonic() < deadline:
@@ -147,16 +217,14 @@ def measure(
         for i in done
     ]
     observed = [(watcher.seen[i][0] - sent[i][0]) * 1000 for i in done]
-    first_sent = min(at for at, _ in sent.values())
-    last_sent = max(at for at, _ in sent.values())
     last_seen = max(watcher.seen[i][0] for i in done)
     return E2eLatency(
         len(sent),
         len(done),
         percentiles(recorded),
         percentiles(observed),
-        sent_per_second=len(sent) / max(last_sent - first_sent, 1e-9),
-        processed_per_second=len(done) / max(last_seen - first_sent, 1e-9),
+        sent_per_second=run.sent_per_second,
+        processed_per_second=len(done) / max(last_seen - run.first_sent, 1e-9),
     )
 
 

@@ -1,23 +1,33 @@
-"""`make bench`: throughput and latency of each RPC, the pipeline's end-to-end latency and the
-services' memory, each figure beside the ceiling of the part it stands on, measured in the same
-run on the same machine:
-  - RPC ceiling: grpc.health.v1.Health/Check (no work behind it) through the same server stack;
-  - DB ceiling: pgbench running CreateOrder's SQL (order + outbox insert, one transaction);
-  - Kafka ceiling: Kafka's ProducerPerformance with the settings of the outbox relay.
-Runs its own stack (database `ecommerce_bench`, topics of its own) on the infrastructure of
-`make infra-up`; prints a table and writes it to bench/RESULTS.md.
+"""`make bench`: what an order costs, and how many per second the pipeline sustains.
+
+Each figure is a ratio or an exact count from one run on one machine (whose speed drifts:
+nothing is compared across runs):
+  1. stack CPU per processed order ÷ the order service's CPU per Health/Check (an empty RPC);
+  2. gRPC calls, WAL-flushing commits, NOTIFYs, Kafka records per order, and B (orders per
+     status callback);
+  3. the highest open-loop rate the pipeline sustains (flat backlog, create -> terminal p99 under
+     50 ms) ÷ CreateOrder's rate alone, each probe paired with a CreateOrder-only run before it;
+  4. the e2e p99 at half that rate; 5. overload at 1.5 times it; 6. CreateOrder and GetOrder
+     against their ceilings (Health/Check, pgbench); 7. the outbox over a long run; 8. peak RSS.
+Runs two stacks of its own on the infrastructure of `make infra-up`: the pipeline (database
+`ecommerce_bench`, topics of its own) and CreateOrder alone (no relay, no processor, no
+backpressure; database `ecommerce_pgbench`, shared with pgbench). Prints the figures and the
+measurements under them, and writes them to bench/RESULTS.md (`--quick`: only if `--results`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
+import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,59 +37,79 @@ from confluent_kafka.cimpl import NewTopic
 from ecommerce.events.v1 import events_pb2
 from ecommerce.v1 import orders_pb2, orders_pb2_grpc, users_pb2, users_pb2_grpc
 from google.type import money_pb2
-from sqlalchemy import create_engine, text
 
-from bench.e2e_latency import measure
-from chaos.processes import REPO, wait_until
+from bench import figures, report
+from bench.costs import (
+    CostCounters,
+    measure_costs,
+    measure_health_check,
+    stack_cpu_meter,
+)
+from bench.counters import DatabaseCounters, TopicOffsets
+from bench.figures import Figure
+from bench.ghz import RpcFigures, ghz, ghz_path
+from bench.pipeline import Pipeline, PipelineStuck, SweepPlan, sweep
+from bench.proc import checkouts, peak_rss_mb
+from chaos.processes import REPO
 from chaos.stack import Stack
-from servicekit.schema import recreate_disposable_database
+from servicekit.settings import KafkaSettings
 
-BENCH_DATABASE_URL = "postgresql+psycopg2://ecommerce@127.0.0.1:55432/ecommerce_bench"
-PGBENCH_DATABASE_URL = "postgresql+psycopg2://ecommerce@127.0.0.1:55432/ecommerce_pgbench"
-GHZ = REPO / ".local" / "bin" / "ghz"
-GRPCURL = REPO / ".local" / "bin" / "grpcurl"
-_PROTOSETS = Path(tempfile.mkdtemp(prefix="bench-protosets-"))
-
-
-def protoset(address: str, service: str) -> Path:
-    """The service's descriptors, read by grpcurl through reflection (ghz's own reflection
-    client does not find the health service), cached per service."""
-    path = _PROTOSETS / f"{service}.protoset"
-    if not path.exists():
-        subprocess.run(
-            [str(GRPCURL), "-plaintext", "-protoset-out", str(path), address, "describe", service],
-            capture_output=True, check=True, timeout=30,
-        )  # fmt: skip
-    return path
+PG_PORT = os.environ.get("PGPORT", "55432")  # as scripts/postgres.sh
+BENCH_DATABASE_URL = f"postgresql+psycopg2://ecommerce@127.0.0.1:{PG_PORT}/ecommerce_bench"
+CREATE_ONLY_DATABASE_URL = f"postgresql+psycopg2://ecommerce@127.0.0.1:{PG_PORT}/ecommerce_pgbench"
+CREATE_ORDER = "ecommerce.v1.OrderService/CreateOrder"
 
 
 @dataclass(frozen=True)
-class RpcFigures:
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    errors: int
+class Profile:
+    rpc_seconds: float  # each closed-loop row
+    concurrency: tuple[int, ...]
+    pair_seconds: float  # each CreateOrder-only run paired with a sweep probe, per concurrency
+    sweep: SweepPlan
+    cost_seconds: float  # the window at half the sustainable rate, and Health/Check's
+    overload_seconds: float
+    soak_seconds: float
+    producer_records: int
 
 
-def ghz(
-    address: str, call: str, data: dict[str, object], concurrency: int, seconds: int
-) -> RpcFigures:
-    completed = subprocess.run(
-        [
-            str(GHZ), "--insecure", "--call", call, "-d", json.dumps(data),
-            "--protoset", str(protoset(address, call.split("/")[0])),
-            "-c", str(concurrency), "--connections", str(min(concurrency, 4)),
-            "-z", f"{seconds}s", "-O", "json", address,
-        ],
-        capture_output=True, text=True, timeout=seconds + 120, check=True,
-    )  # fmt: skip
-    report = json.loads(completed.stdout)
-    latency = {d["percentage"]: d["latency"] / 1e6 for d in report["latencyDistribution"] or []}
-    # "Canceled": the calls still in flight when the duration ended, cut off by ghz itself.
-    errors = sum(
-        n for code, n in report["statusCodeDistribution"].items() if code not in ("OK", "Canceled")
-    )
-    return RpcFigures(report["rps"], latency.get(50, 0.0), latency.get(99, 0.0), errors)
+FULL = Profile(
+    rpc_seconds=5,
+    concurrency=(8, 32),
+    pair_seconds=5,
+    sweep=SweepPlan(
+        start=0.6, floor=1 / 64, probes=6, probe_seconds=15, confirmations=2,
+        final_seconds=30, drain_bound=120,
+    ),
+    cost_seconds=30,
+    overload_seconds=60,
+    soak_seconds=300,
+    producer_records=50_000,
+)  # fmt: skip
+QUICK = Profile(
+    rpc_seconds=2,
+    concurrency=(8, 32),
+    pair_seconds=2,
+    sweep=replace(FULL.sweep, probes=3, probe_seconds=5, confirmations=1, final_seconds=10,
+                  drain_bound=60),
+    cost_seconds=10,
+    overload_seconds=15,
+    soak_seconds=30,
+    producer_records=10_000,
+)  # fmt: skip
+
+
+def progress(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def timed(part: str, durations: dict[str, float]) -> Iterator[None]:
+    started = time.monotonic()
+    progress(f"{part}…")
+    try:
+        yield
+    finally:
+        durations[part] = time.monotonic() - started
 
 
 # pgbench's stand-ins for the parameters of CreateOrder's statement.
@@ -114,18 +144,9 @@ def create_order_script(user_id: str, payload: bytes) -> str:
     return f"\\set units random(1, 100)\n{sql.strip()};\n"
 
 
-def pgbench_tps(connections: int, seconds: int) -> float:
-    """Transactions per second of CreateOrder's statement, straight into PostgreSQL, on a database
-    of its own with the same schema (no relay publishes its rows)."""
-    recreate_disposable_database(PGBENCH_DATABASE_URL)
-    user_id = str(uuid.uuid4())
-    engine = create_engine(PGBENCH_DATABASE_URL)
-    with engine.begin() as connection:
-        connection.execute(
-            text("INSERT INTO users (id, email, name) VALUES (:id, 'pgbench@example.com', 'B')"),
-            {"id": user_id},
-        )
-    engine.dispose()
+def pgbench_tps(connections: int, seconds: float, user_id: str) -> float:
+    """Transactions per second of CreateOrder's statement, straight into PostgreSQL, on the
+    CreateOrder-only database (no relay publishes its rows), for an existing user."""
     payload = _sample_order_created(user_id).SerializeToString()
     pg_bin = sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1]
     with tempfile.NamedTemporaryFile("w", suffix=".sql") as file:
@@ -133,8 +154,8 @@ def pgbench_tps(connections: int, seconds: int) -> float:
         file.flush()
         completed = subprocess.run(
             [
-                str(pg_bin / "pgbench"), "-n", "-h", "127.0.0.1", "-p", "55432", "-U", "ecommerce",
-                "-c", str(connections), "-j", "2", "-T", str(seconds), "-M", "prepared",
+                str(pg_bin / "pgbench"), "-n", "-h", "127.0.0.1", "-p", PG_PORT, "-U", "ecommerce",
+                "-c", str(connections), "-j", "2", "-T", str(round(seconds)), "-M", "prepared",
                 "-f", file.name,
                 "ecommerce_pgbench",
             ],
@@ -163,7 +184,7 @@ def _sample_order_created(user_id: str) -> events_pb2.OrderCreated:
     return event
 
 
-def kafka_producer_ceiling(bootstrap: str, record_size: int, records: int = 50_000) -> float:
+def kafka_producer_ceiling(bootstrap: str, record_size: int, records: int) -> float:
     """Records/s of Kafka's own producer with the outbox relay's settings, on a topic of its own."""
     topic = f"bench-{uuid.uuid4().hex[:8]}.producer-ceiling"
     admin = AdminClient({"bootstrap.servers": bootstrap})
@@ -174,7 +195,7 @@ def kafka_producer_ceiling(bootstrap: str, record_size: int, records: int = 50_0
             [
                 "java", "-Xmx256m",
                 f"-Dlog4j2.configurationFile={REPO}/infra/kafka/log4j2.properties",
-                f"-Dkafka.logs.dir={REPO}/.local/kafka", "-cp", f"{REPO}/.local/kafka/libs/*",
+                f"-Dkafka.logs.dir={REPO}/.local/kafka", "-cp", f"{kafka_libs()}/*",
                 "org.apache.kafka.tools.ProducerPerformance", "--topic", topic,
                 "--num-records", str(records), "--record-size", str(record_size),
                 "--throughput", "-1", "--producer-props", f"bootstrap.servers={bootstrap}",
@@ -191,11 +212,10 @@ def kafka_producer_ceiling(bootstrap: str, record_size: int, records: int = 50_0
     return float(match[-1])
 
 
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+def kafka_libs() -> Path:
+    """Kafka's jars, fetched by scripts/kafka.sh (in the checkout that ran it)."""
+    found = (c / ".local" / "kafka" / "libs" for c in checkouts())
+    return next((path for path in found if path.exists()), REPO / ".local" / "kafka" / "libs")
 
 
 def machine() -> str:
@@ -220,24 +240,35 @@ def seed(users_at: str, orders_at: str) -> tuple[str, str]:
     return user.id, order.id
 
 
+def rpc_calls(stack: Stack, user_id: str, order_id: str) -> dict[str, Call]:
+    users_at, orders_at = stack.address("user_service"), stack.address("order_service")
+    return {
+        "Health/Check": (orders_at, "grpc.health.v1.Health/Check", {}),
+        "CreateUser": (users_at, "ecommerce.v1.UserService/CreateUser",
+                       {"email": "b{{newUUID}}@example.com", "name": "Bench"}),
+        "GetUser": (users_at, "ecommerce.v1.UserService/GetUser", {"id": user_id}),
+        "CreateOrder": (orders_at, CREATE_ORDER, create_order_request(user_id)),
+        "GetOrder": (orders_at, "ecommerce.v1.OrderService/GetOrder", {"id": order_id}),
+        "ListOrders": (orders_at, "ecommerce.v1.OrderService/ListOrders",
+                       {"user_id": user_id, "page_size": 20}),
+    }  # fmt: skip
+
+
+def create_order_request(user_id: str) -> dict[str, object]:
+    return {"user_id": user_id, "amount": {"currency_code": "USD", "units": "42"}}
+
+
 def rpc_rows(
-    stack: Stack, calls: dict[str, Call], concurrency: int, seconds: int
-) -> tuple[list[str], float]:
-    """Table rows for each RPC at one concurrency, and the CreateOrder rate reached. Each row
-    starts once the orders of the one before are processed, so that it runs alone."""
-    wait_for_backlog(stack.database_url)
-    ceiling = ghz(
-        stack.address("order_service"), "grpc.health.v1.Health/Check", {}, concurrency, seconds
-    )
-    rows = [row("Health/Check (ceiling)", concurrency, ceiling, ceiling)]
-    create_order_rate = 0.0
+    calls: dict[str, Call], concurrency: int, seconds: float
+) -> tuple[list[str], dict[str, float]]:
+    """Table rows for each RPC at one concurrency (the first, Health/Check, is the ceiling),
+    and each one's RPC/s."""
+    measured: dict[str, RpcFigures] = {}
     for name, (address, method, data) in calls.items():
-        wait_for_backlog(stack.database_url)
-        figures = ghz(address, method, data, concurrency, seconds)
-        if name == "CreateOrder":
-            create_order_rate = figures.rps
-        rows.append(row(name, concurrency, figures, ceiling))
-    return rows, create_order_rate
+        measured[name] = ghz(address, method, data, concurrency, seconds)
+    ceiling = measured["Health/Check"]
+    rows = [row(name, concurrency, figures, ceiling) for name, figures in measured.items()]
+    return rows, {name: figures.rps for name, figures in measured.items()}
 
 
 def row(name: str, concurrency: int, figures: RpcFigures, ceiling: RpcFigures) -> str:
@@ -247,149 +278,224 @@ def row(name: str, concurrency: int, figures: RpcFigures, ceiling: RpcFigures) -
     )
 
 
-def ceiling_rows(bootstrap: str, create_order: dict[int, float], seconds: int) -> list[str]:
-    rows = [
-        "| ceiling | concurrency | per second | CreateOrder ÷ ceiling |",
-        "|---|---:|---:|---:|",
-    ]
-    for concurrency, rate in create_order.items():
-        tps = pgbench_tps(concurrency, seconds)
-        rows.append(
-            f"| pgbench, CreateOrder's SQL | {concurrency} | {tps:.0f} | {rate / tps:.2f} |"
+def create_only_rate(stack: Stack, user_id: str, profile: Profile) -> Callable[[], float]:
+    """CreateOrder alone, closed loop: the best of the profile's concurrencies."""
+    data = create_order_request(user_id)
+
+    def measure() -> float:
+        address = stack.address("order_service")
+        return max(
+            ghz(address, CREATE_ORDER, data, c, profile.pair_seconds).rps
+            for c in profile.concurrency
         )
-    producer = kafka_producer_ceiling(bootstrap, record_size=300)
-    rows.append(f"| Kafka ProducerPerformance, 300 B, acks=all | - | {producer:.0f} | - |")
-    return rows
 
-
-def wait_for_backlog(database_url: str, timeout: float = 600) -> None:
-    """The CreateOrder runs leave thousands of orders to process: latency is measured after."""
-    engine = create_engine(database_url)
-    query = text("SELECT count(*) FROM orders WHERE status = 'CREATED'")
-    try:
-        with engine.connect() as connection:
-            wait_until(lambda: connection.scalar(query) == 0, timeout=timeout, interval=0.5)
-    finally:
-        engine.dispose()
-
-
-def e2e_rows(stack: Stack, best_create_rate: float, shares: list[float]) -> list[str]:
-    """Latency at shares of the best CreateOrder rate (by default half, then full: whether the
-    pipeline keeps up, processed/s against sent/s, and what that does to latency)."""
-    users_at, orders_at = stack.address("user_service"), stack.address("order_service")
-    rows = [
-        "| offered orders/s | sent/s | processed/s | terminal | latency ms"
-        " | p50 | p95 | p99 | max |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|",
-    ]
-    for share in shares:
-        rate = best_create_rate * share
-        label = {0.5: "half", 1.0: "full"}.get(share, f"{share:g}")
-        wait_for_backlog(stack.database_url)
-        e2e = measure(stack.kafka, users_at, orders_at, int(min(5000, rate * 10)), rate, 120)
-        for cut_label, cut in (
-            ("create -> PROCESSED recorded", e2e.recorded_ms),
-            ("call -> OrderStatusChanged seen", e2e.observed_ms),
-        ):
-            figures = " | ".join(f"{cut[k]:.1f}" for k in ("p50", "p95", "p99", "max"))
-            rows.append(
-                f"| {rate:.0f} ({label}) | {e2e.sent_per_second:.0f}"
-                f" | {e2e.processed_per_second:.0f} | {e2e.completed}/{e2e.sent}"
-                f" | {cut_label} | {figures} |"
-            )
-    return rows
+    return measure
 
 
 def data_access_rows(database_url: str) -> list[str]:
-    # Imported when used: `--skip ceilings data` measures revisions that predate servicekit.sql.
+    # Imported when used: `--skip data` measures revisions that predate servicekit.sql.
     from bench.data_access import data_access_rows as rows
 
     return rows(database_url)
 
 
-def run(stack: Stack, args: argparse.Namespace) -> list[str]:
-    users_at, orders_at = stack.address("user_service"), stack.address("order_service")
-    user_id, order_id = seed(users_at, orders_at)
-    calls: dict[str, Call] = {
-        "CreateUser": (users_at, "ecommerce.v1.UserService/CreateUser",
-                       {"email": "b{{newUUID}}@example.com", "name": "Bench"}),
-        "GetUser": (users_at, "ecommerce.v1.UserService/GetUser", {"id": user_id}),
-        "CreateOrder": (orders_at, "ecommerce.v1.OrderService/CreateOrder",
-                        {"user_id": user_id, "amount": {"currency_code": "USD", "units": "42"}}),
-        "GetOrder": (orders_at, "ecommerce.v1.OrderService/GetOrder", {"id": order_id}),
-        "ListOrders": (orders_at, "ecommerce.v1.OrderService/ListOrders",
-                       {"user_id": user_id, "page_size": 20}),
-    }  # fmt: skip
-    lines = [
-        "| RPC | concurrency | RPC/s | p50 ms | p99 ms | not OK (incl. cut off at the end)"
-        " | RPC/s ÷ RPC ceiling |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    create_order: dict[int, float] = {}
-    for concurrency in args.concurrency:
-        rows, create_order[concurrency] = rpc_rows(stack, calls, concurrency, args.seconds)
-        lines += rows
-    best_create_rate = max(create_order.values())
-    if "ceilings" not in args.skip:
-        lines += ["", *ceiling_rows(stack.kafka.bootstrap_servers, create_order, args.seconds)]
-    if "e2e" not in args.skip:
-        lines += [
-            "",
-            "End to end (orders of 32 users, sent open-loop at a fixed rate; 'full' is the best"
-            " CreateOrder rate above):",
-            "",
-            *e2e_rows(stack, max(20.0, best_create_rate), args.e2e_shares),
-        ]
-    if "data" not in args.skip:
-        lines += ["", "Data access on the request path (`python -m bench.data_access`):", ""]
-        lines += data_access_rows(stack.database_url)
-    lines += ["", "| process | peak RSS MB |", "|---|---:|"]
-    lines += [
-        f"| {name} | {peak_rss_mb(process.process.pid):.0f} |"
-        for name, process in stack.processes.items()
-    ]
-    return lines
+@dataclass
+class Run:
+    """What one run gathers: the figures, the tables under them, the time each part took."""
+
+    profile: Profile
+    skip: set[str]
+    figures: list[Figure]
+    sections: list[list[str]]
+    durations: dict[str, float]
+
+    def part(self, name: str) -> AbstractContextManager[None]:
+        return timed(name, self.durations)
 
 
+def run_rpcs(run: Run, create_only: Stack) -> str:
+    """Closed-loop rows and their ceilings, on the CreateOrder-only stack; returns its user."""
+    user_id, order_id = seed(
+        create_only.address("user_service"), create_only.address("order_service")
+    )
+    calls = rpc_calls(create_only, user_id, order_id)
+    rates: dict[int, dict[str, float]] = {}
+    lines = report.RPC_HEADER.copy()
+    with run.part("RPC rows"):
+        for concurrency in run.profile.concurrency:
+            rows, rates[concurrency] = rpc_rows(calls, concurrency, run.profile.rpc_seconds)
+            lines += rows
+    run.sections.append(lines)
+    if "ceilings" in run.skip:
+        run.figures.append(
+            Figure("6. CreateOrder and GetOrder ÷ ceilings", "n/a: --skip ceilings", "-", None)
+        )
+        return user_id
+    with run.part("ceilings (pgbench, Kafka producer)"):
+        tps = {c: pgbench_tps(c, run.profile.rpc_seconds, user_id) for c in rates}
+        producer = kafka_producer_ceiling(
+            create_only.kafka.bootstrap_servers, 300, run.profile.producer_records
+        )
+    for concurrency, by_name in rates.items():
+        run.figures += figures.additive_ceiling(concurrency, by_name, tps[concurrency])
+    run.sections.append(report.ceiling_rows(rates, tps, producer))
+    return user_id
+
+
+def run_pipeline(run: Run, stack: Stack, reference: Callable[[], float]) -> None:
+    pipeline = Pipeline(stack)
+    database = DatabaseCounters(stack.database_url)
+    counters = CostCounters(
+        database, TopicOffsets(stack.kafka.bootstrap_servers, stack.kafka.orders_topic)
+    )
+    try:
+        sustainable = run_sweep(run, pipeline, reference)
+        run_costs(run, pipeline, counters, sustainable / 2)
+        if "overload" not in run.skip:
+            run_overload(run, pipeline, sustainable)
+        if "soak" not in run.skip:
+            run_soak(run, pipeline, sustainable)
+    except PipelineStuck as stuck:
+        run.sections.append([f"The pipeline part stopped: {stuck}."])
+    finally:
+        pipeline.close()
+        counters.orders_topic.close()
+        database.close()
+
+
+def run_sweep(run: Run, pipeline: Pipeline, reference: Callable[[], float]) -> float:
+    """Figure 3; returns the sustainable rate the later windows are set from."""
+    with run.part("sweep (A/B pairs)"):
+        result = sweep(pipeline, reference, run.profile.sweep)
+    run.sections.append(report.sweep_rows(result.probes))
+    if result.result is not None:
+        run.figures.append(figures.sustained(result.result, result.probes))
+        return result.result.share * result.result.create_only_rate
+    # Nothing held: the later windows run at half the lowest rate tried, and say so.
+    stand_in = min(p.share * p.create_only_rate for p in result.probes) / 2
+    run.figures.append(figures.sustained(None, result.probes, stand_in))
+    return stand_in
+
+
+def run_costs(run: Run, pipeline: Pipeline, counters: CostCounters, rate: float) -> None:
+    """Figures 1, 2 and 4, from one window at `rate`, then Health/Check at the same rate."""
+    own = {pipeline.backlog.backend_pid}
+    meter = stack_cpu_meter(pipeline.stack, counters.database, own)
+    seconds, bound = run.profile.cost_seconds, run.profile.sweep.drain_bound
+    with run.part("costs at half the sustainable rate"):
+        costs = measure_costs(pipeline, meter, counters, rate, seconds, bound)
+        health = measure_health_check(pipeline.stack, rate, seconds)
+    run.figures.append(figures.cost_ratio(costs, health, meter.not_measured))
+    run.figures += figures.structural(costs, counters.database.tracks_nested_statements)
+    run.figures.append(figures.half_rate_latency(costs.window))
+    run.sections.append(report.cost_rows(costs, health))
+    run.sections.append(report.statement_rows(costs, counters.database.statements_missing))
+
+
+def run_overload(run: Run, pipeline: Pipeline, sustainable: float) -> None:
+    with run.part("overload at 1.5 times the sustainable rate"):
+        window = pipeline.window(
+            1.5 * sustainable, run.profile.overload_seconds, run.profile.sweep.drain_bound
+        )
+    run.figures += figures.overload(window, sustainable, pipeline.backlog)
+    run.sections.append(report.window_rows("overload", [window]))
+
+
+def run_soak(run: Run, pipeline: Pipeline, sustainable: float) -> None:
+    seconds = run.profile.soak_seconds
+    with run.part(f"soak, {seconds:.0f} s at the sustainable rate"):
+        window = pipeline.window(
+            sustainable, seconds, run.profile.sweep.drain_bound, sample_every=min(15, seconds / 6)
+        )
+    samples = [(t, backlog.outbox_rows) for t, backlog in window.backlog]
+    run.figures.append(figures.soak(window, samples))
+    run.sections.append(report.window_rows("soak", [window]))
+
+
+def peak_memory(stacks: dict[str, Stack]) -> dict[str, float]:
+    return {
+        f"{label}{name}": peak_rss_mb(part.process.pid)
+        for label, stack in stacks.items()
+        for name, part in stack.processes.items()
+    }
+
+
+def run_all(profile: Profile, skip: set[str]) -> Run:
+    run = Run(profile, skip, [], [], {})
+    pipeline_stack = Stack(database_url=BENCH_DATABASE_URL)
+    create_only = Stack(
+        extra_env={"OUTBOX_RELAY_ENABLED": "false", "BACKPRESSURE_ENABLED": "false"},
+        database_url=CREATE_ONLY_DATABASE_URL,
+    )
+    stacks = {"": pipeline_stack, "CreateOrder-only ": create_only}
+    try:
+        with run.part("stacks start"):
+            for stack in stacks.values():
+                stack.prepare()
+            pipeline_stack.start_all()
+            create_only.start("user_service")
+            create_only.start("order_service")
+        user_id = run_rpcs(run, create_only)
+        if "pipeline" not in skip:
+            run_pipeline(run, pipeline_stack, create_only_rate(create_only, user_id, profile))
+        if "data" not in skip:
+            with run.part("data access"):
+                run.sections.append(report.DATA_ACCESS_INTRO + data_access_rows(BENCH_DATABASE_URL))
+        memory = peak_memory(stacks)
+        run.figures.append(figures.peak_rss(memory))
+    finally:
+        for stack in stacks.values():
+            stack.stop_all()
+            delete_topics(stack.kafka)
+    return run
+
+
+def delete_topics(kafka: KafkaSettings) -> None:
+    """The run's own topics: every partition left on the shared broker costs it CPU."""
+    admin = AdminClient({"bootstrap.servers": kafka.bootstrap_servers})
+    names = [kafka.orders_topic, kafka.users_topic, kafka.orders_dlq_topic]
+    for future in admin.delete_topics(names, operation_timeout=30).values():
+        future.result()
+
+
+SKIPPABLE = ["ceilings", "pipeline", "overload", "soak", "data"]
 # What `make bench` rewrites ends here: the hand-written history below it is kept.
 HISTORY_HEADING = "\n## Optimisations"
 
 
-def write_results(path: Path, args: argparse.Namespace, report: str) -> None:
+def write_results(path: Path, text: str) -> None:
     previous = path.read_text() if path.exists() else ""
     history = previous[previous.index(HISTORY_HEADING) :] if HISTORY_HEADING in previous else ""
-    path.write_text(
-        f"# Benchmarks\n\n`make bench` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {machine()},"
-        f" load generator (ghz, {args.seconds} s per row) on the same machine.\n\n{report}\n"
-        f"{history}"
-    )
+    path.write_text(text.rstrip("\n") + "\n" + history)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--seconds", type=int, default=5, help="per RPC measurement")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--quick", action="store_true", help="a development run of a few minutes")
+    parser.add_argument("--soak-seconds", type=float, help="the long run at the sustainable rate")
+    parser.add_argument("--seconds", type=float, help="per closed-loop RPC row")
+    parser.add_argument("--concurrency", type=int, nargs="+", help="of the closed-loop rows")
     parser.add_argument(
-        "--e2e-shares", type=float, nargs="+", default=[0.5, 1.0],
-        help="end-to-end runs, as shares of the best CreateOrder rate",
-    )  # fmt: skip
-    parser.add_argument(
-        "--skip", nargs="*", default=[], choices=["ceilings", "e2e", "data"],
+        "--skip", nargs="*", default=[], choices=SKIPPABLE,
         help="parts to leave out (the RPC rows always run)",
     )  # fmt: skip
-    parser.add_argument("--results", type=Path, default=REPO / "bench" / "RESULTS.md")
+    parser.add_argument(
+        "--results", type=Path, help="where to write (default bench/RESULTS.md, none with --quick)"
+    )
     args = parser.parse_args()
-    if not GHZ.exists():
+    profile = QUICK if args.quick else FULL
+    overrides = {"soak_seconds": args.soak_seconds, "rpc_seconds": args.seconds,
+                 "concurrency": tuple(args.concurrency or ()) or None}  # fmt: skip
+    profile = replace(profile, **{k: v for k, v in overrides.items() if v is not None})
+    if not ghz_path().exists():
         raise SystemExit("ghz is not installed: bash scripts/tools.sh --with-ghz")
-    stack = Stack(database_url=BENCH_DATABASE_URL)
-    stack.prepare()
-    try:
-        stack.start_all()
-        report = "\n".join(run(stack, args))
-    finally:
-        stack.stop_all()
-    print(report)
-    write_results(args.results, args, report)
+    started = datetime.now(UTC)
+    run = run_all(profile, set(args.skip))
+    text = report.document(run.figures, run.sections, run.durations, started, machine())
+    print(text)
+    results = args.results or (None if args.quick else REPO / "bench" / "RESULTS.md")
+    if results is not None:
+        write_results(results, text)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 # Local PostgreSQL for development and tests: `up` installs it (Debian package) if missing, creates a
 # cluster in a git-ignored folder, starts it on loopback and waits until it answers; `down` stops the
 # server this script started (by its PID file) and nothing else. Both are idempotent.
+# The server loads pg_stat_statements (tracking statements inside triggers too), for `make bench`'s
+# statement counts; the extension's view lives in database `postgres`, which no test drops.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -50,15 +52,37 @@ up() {
     # trust on loopback only: a development cluster, bound to 127.0.0.1 and a private socket dir.
     as_postgres "$bin/initdb" -D "$data" -U postgres --auth=trust --encoding=UTF8 --locale=C.UTF-8 >/dev/null
   fi
+  local options="-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories='$data'"
+  options+=" -c max_connections=200 -c shared_preload_libraries=pg_stat_statements"
+  options+=" -c pg_stat_statements.track=all"
   if as_postgres "$bin/pg_ctl" -D "$data" status >/dev/null 2>&1; then
     echo "postgres.sh: already running on 127.0.0.1:$port ($data)"
+    if ! loads_pg_stat_statements; then
+      # Ours (its data directory is this script's), so ours to restart, once.
+      echo "postgres.sh: it was started without pg_stat_statements; restarting it to load it" \
+        "(open connections are closed)"
+      as_postgres "$bin/pg_ctl" -D "$data" -l "$data/server.log" -w -t 60 -m fast restart \
+        -o "$options" >/dev/null
+    fi
+  elif "$bin/pg_isready" -q -h 127.0.0.1 -p "$port"; then
+    echo "postgres.sh: 127.0.0.1:$port answers, but not from $data: using that server as it is"
+    loads_pg_stat_statements || echo "postgres.sh: it runs without pg_stat_statements, and" \
+      "this script did not start it, so does not restart it: make bench reports no statement counts"
   else
-    as_postgres "$bin/pg_ctl" -D "$data" -l "$data/server.log" -w -t 60 start \
-      -o "-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories='$data' -c max_connections=200" >/dev/null
+    as_postgres "$bin/pg_ctl" -D "$data" -l "$data/server.log" -w -t 60 start -o "$options" >/dev/null
     echo "postgres.sh: started on 127.0.0.1:$port ($data)"
   fi
-  ln -sfn "$data/postmaster.pid" "$repo/.local/postgres.pid"
+  if [ -s "$data/postmaster.pid" ]; then
+    ln -sfn "$data/postmaster.pid" "$repo/.local/postgres.pid"
+  fi
   create_role_and_databases
+  if [ -z "$(psql_admin -d postgres -c "SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements'")" ]; then
+    psql_admin -d postgres -c "CREATE EXTENSION pg_stat_statements"
+  fi
+}
+
+loads_pg_stat_statements() {
+  psql_admin -d postgres -c "SHOW shared_preload_libraries" | grep -qw pg_stat_statements
 }
 
 psql_admin() { as_postgres psql -h 127.0.0.1 -p "$port" -U postgres -v ON_ERROR_STOP=1 -qtA "$@"; }

@@ -1,0 +1,72 @@
+"""ghz runs: closed loop (`-c` callers, each waiting for its reply) for throughput, open loop
+(`--rps` with `--async`: each call is started on its tick, whether or not earlier ones have
+replied; ghz's worker then does not wait for the reply) for cost at a fixed rate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.proc import local_tool
+
+_PROTOSETS = Path(tempfile.mkdtemp(prefix="bench-protosets-"))
+
+
+def ghz_path() -> Path:
+    return local_tool("ghz")
+
+
+def protoset(address: str, service: str) -> Path:
+    """The service's descriptors, read by grpcurl through reflection (ghz's own reflection
+    client does not find the health service), cached per service."""
+    path = _PROTOSETS / f"{service}.protoset"
+    if not path.exists():
+        subprocess.run(
+            [str(local_tool("grpcurl")), "-plaintext", "-protoset-out", str(path), address,
+             "describe", service],
+            capture_output=True, check=True, timeout=30,
+        )  # fmt: skip
+    return path
+
+
+@dataclass(frozen=True)
+class RpcFigures:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    calls: int
+
+
+def ghz(
+    address: str,
+    call: str,
+    data: dict[str, object],
+    concurrency: int,
+    seconds: float,
+    open_loop_rate: float | None = None,
+) -> RpcFigures:
+    """Closed loop at `concurrency`, or open loop at `open_loop_rate` calls per second."""
+    load = ["-c", str(concurrency), "--connections", str(min(concurrency, 4))]
+    if open_loop_rate is not None:
+        load = ["--rps", str(max(1, round(open_loop_rate))), "--async", "-c", "4"]
+    completed = subprocess.run(
+        [
+            str(ghz_path()), "--insecure", "--call", call, "-d", json.dumps(data),
+            "--protoset", str(protoset(address, call.split("/")[0])), *load,
+            "-z", f"{seconds:g}s", "-O", "json", address,
+        ],
+        capture_output=True, text=True, timeout=seconds + 120, check=True,
+    )  # fmt: skip
+    report = json.loads(completed.stdout)
+    latency = {d["percentage"]: d["latency"] / 1e6 for d in report["latencyDistribution"] or []}
+    # "Canceled": the calls still in flight when the duration ended, cut off by ghz itself.
+    errors = sum(
+        n for code, n in report["statusCodeDistribution"].items() if code not in ("OK", "Canceled")
+    )
+    return RpcFigures(
+        report["rps"], latency.get(50, 0.0), latency.get(99, 0.0), errors, int(report["count"])
+    )
