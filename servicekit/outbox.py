@@ -37,6 +37,8 @@ log = logging.getLogger("servicekit.outbox")
 # 32-bit number unique to this use, the id the hash of the source.
 RELAY_LOCK_CLASS = 0x6F7574  # "out"
 _MAX_BACKOFF_SECONDS = 10.0
+# While events keep coming, the relay looks for more at least every this many lingers.
+_BUSY_POLLS_PER_LINGER = 4
 
 
 class Event(Protocol):
@@ -242,9 +244,10 @@ class OutboxRelay:
                 return  # after one last batch: what committed before the stop goes out
             if published == self._outbox.batch_size:
                 continue  # more are waiting
-            # Poll again soon while events keep coming, less and less often while none do.
+            # Look again soon while events keep coming (writers of this process wake the relay at
+            # once; others' events wait at most this), less and less often while none do.
             idle_wait = (
-                self._outbox.linger_seconds
+                _BUSY_POLLS_PER_LINGER * self._outbox.linger_seconds
                 if published
                 else min(idle_wait * 2, self._outbox.poll_interval_seconds)
             )
