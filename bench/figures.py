@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,10 +29,16 @@ class Figure:
     met: bool | None  # None: reported without a target, or not measurable (measured says why)
 
 
+def _number(figure: Figure) -> int:
+    """The figure's number: 5 for "5. …" and for "5b. …"."""
+    match = re.match(r"\d+", figure.name)
+    return int(match[0]) if match else 0
+
+
 def table(figures: Sequence[Figure]) -> list[str]:
     """In the order of their numbers (the name's first word), whatever order they were taken."""
     marks = {True: "yes", False: "**no**", None: "-"}
-    ordered = sorted(figures, key=lambda f: int(f.name.split(".")[0]))
+    ordered = sorted(figures, key=_number)
     return [
         "| figure | measured | target | met? |",
         "|---|---|---|---|",
@@ -136,7 +143,9 @@ def half_rate_latency(window: Window) -> Figure:
     return Figure(name, measured, "< 50 ms", p99 < 50 if p99 is not None else None)
 
 
-def overload(window: Window, sustainable: float, probe: BacklogProbe) -> list[Figure]:
+def overload(
+    window: Window, sustainable: float, probe: BacklogProbe, label: str = "5. overload"
+) -> list[Figure]:
     shed = window.sent.refused.get("RESOURCE_EXHAUSTED", 0)
     others = {code: n for code, n in window.sent.refused.items() if code != "RESOURCE_EXHAUSTED"}
     p99 = window.percentile_ms("p99")
@@ -146,26 +155,26 @@ def overload(window: Window, sustainable: float, probe: BacklogProbe) -> list[Fi
     retry = window.sent.refused_with_retry_info
     return [
         Figure(
-            "5. overload: goodput ÷ sustainable",
+            f"{label}: goodput ÷ sustainable",
             f"{share:.2f} ({window.goodput:.0f}/s at {window.offered_rate:.0f}/s offered)",
             f"≥ {MIN_OVERLOAD_GOODPUT:g}",
             share >= MIN_OVERLOAD_GOODPUT,
         ),
         Figure(
-            "5. overload: p99 of accepted orders",
+            f"{label}: p99 of accepted orders",
             f"{p99:.0f} ms" if p99 is not None else "n/a",
             "< 1 s",
             p99 < OVERLOAD_P99_BOUND_MS if p99 is not None else None,
         ),
         Figure(
-            "5. overload: shed (RESOURCE_EXHAUSTED), with RetryInfo",
+            f"{label}: shed (RESOURCE_EXHAUSTED), with RetryInfo",
             f"{shed}, {retry} with RetryInfo" + (f"; other refusals {others}" if others else ""),
             "each with RetryInfo",
             retry == shed if shed else None,
         ),
-        Figure("5. overload: acknowledged orders lost", str(lost), "0", lost == 0),
+        Figure(f"{label}: acknowledged orders lost", str(lost), "0", lost == 0),
         Figure(
-            "5. overload: backlog back to 0 after the load",
+            f"{label}: backlog back to 0 after the load",
             f"{drain:.1f} s" if drain is not None else "not within the bound",
             f"≤ {DRAIN_BOUND_SECONDS:g} s",
             drain is not None and drain <= DRAIN_BOUND_SECONDS,

@@ -48,10 +48,6 @@ class DeadLetter:
     error: str
 
 
-class RetryLater(Exception):
-    """The order service stayed unreachable: leave the offset, read the message again."""
-
-
 def consumer_config(kafka: KafkaSettings, group_id: str, **overrides: Any) -> dict[str, Any]:
     return {
         "bootstrap.servers": kafka.bootstrap_servers,
@@ -120,10 +116,16 @@ class Done:
     """Nothing (more) to do for the message."""
 
 
+class RetryLater:
+    """Not settled yet (the order service stayed unreachable, or the processor is stopping):
+    leave the offset, read the message again."""
+
+
 DONE = Done()
+RETRY_LATER = RetryLater()
 Decision = Settle | DeadLetter | Done
-# What becomes of a message once its decision was carried out (RetryLater: read it again).
-Result = Done | DeadLetter | type[RetryLater]
+# What became of a message once its decision was carried out.
+Result = Done | DeadLetter | RetryLater
 EventHandler = Callable[["OrderEventProcessor", Message], Decision]
 
 
@@ -188,7 +190,7 @@ class OrderEventProcessor:
         handled = set()
         for index, decision in enumerate(decisions):
             result = settled.get(index, decision)
-            if result is RetryLater:
+            if isinstance(result, RetryLater):
                 continue
             if isinstance(result, DeadLetter):
                 self._dead_letters.send(batch[index], result)
@@ -263,7 +265,7 @@ class OrderEventProcessor:
             )
         except grpc.RpcError as error:
             failed: Result = (
-                RetryLater
+                RETRY_LATER
                 if error.code() in TRANSIENT_FOR_CALLBACK
                 else DeadLetter(f"CALLBACK_{error.code().name}", error.details() or "")
             )
@@ -276,10 +278,12 @@ class OrderEventProcessor:
                 _log_processed(change)
                 continue
             code = _grpc_code(result.error.code)
-            if code in RETRYABLE_CODES and may_retry and not self._stop.is_set():
+            if code in RETRYABLE_CODES and self._stop.is_set():
+                outcomes[order_id] = RETRY_LATER  # the next owner of the partition tries again
+            elif code in RETRYABLE_CODES and may_retry:
                 retry.append(order_id)
             elif code in TRANSIENT_FOR_CALLBACK:
-                outcomes[order_id] = RetryLater
+                outcomes[order_id] = RETRY_LATER
             else:
                 outcomes[order_id] = DeadLetter(f"CALLBACK_{code.name}", result.error.message)
         return retry

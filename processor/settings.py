@@ -26,6 +26,17 @@ def _currencies(env: Mapping[str, str]) -> frozenset[str]:
     return codes
 
 
+# BatchUpdateOrderStatus takes at most this many changes.
+MAX_BATCH_SIZE = 1000
+
+
+def _batch_size(env: Mapping[str, str]) -> int:
+    size = env_int(env, "PROCESSOR_BATCH_SIZE", 200, minimum=1)
+    if size > MAX_BATCH_SIZE:
+        raise SettingsError(f"PROCESSOR_BATCH_SIZE must be at most {MAX_BATCH_SIZE}, got {size}")
+    return size
+
+
 def _amount(env: Mapping[str, str], name: str, default: str) -> Decimal:
     raw = env.get(name) or default
     try:
@@ -65,7 +76,7 @@ class ProcessorSettings:
             max_order_amount=_amount(env, "MAX_ORDER_AMOUNT", "10000"),
             callback_timeout_seconds=env_float(env, "CALLBACK_TIMEOUT_SECONDS", 5.0),
             callback_retry_seconds=env_float(env, "CALLBACK_RETRY_SECONDS", 10.0),
-            batch_size=env_int(env, "PROCESSOR_BATCH_SIZE", 200, minimum=1),
+            batch_size=_batch_size(env),
             batch_linger_seconds=env_float(env, "PROCESSOR_BATCH_LINGER_SECONDS", 0.005),
             log_level=parse_log_level(env),
         )

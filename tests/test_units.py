@@ -110,6 +110,7 @@ def test_processor_settings_reject_bad_rules() -> None:
         {"ACCEPTED_CURRENCIES": "usd"},
         {"MAX_ORDER_AMOUNT": "-1"},
         {"MAX_ORDER_AMOUNT": "NaN"},
+        {"PROCESSOR_BATCH_SIZE": "1001"},  # more than one BatchUpdateOrderStatus takes
     ):
         with pytest.raises(SettingsError):
             ProcessorSettings.from_env(env)
