@@ -2,7 +2,7 @@
 
 An offset is stored for commit only after the message's outcome is applied (the order updated,
 the event skipped, or the message safely in the DLQ), so a crash redelivers, never loses, and
-UpdateOrderStatus being idempotent makes a redelivery change nothing.
+a status change being idempotent makes a redelivery change nothing.
 """
 
 from __future__ import annotations

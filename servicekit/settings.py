@@ -124,7 +124,7 @@ class BackpressureSettings:
     def from_env(cls, env: Mapping[str, str]) -> BackpressureSettings:
         return cls(
             enabled=env_bool(env, "BACKPRESSURE_ENABLED", True),
-            delay_seconds=env_float(env, "BACKPRESSURE_DELAY_SECONDS", 0.25),
+            delay_seconds=env_float(env, "BACKPRESSURE_DELAY_SECONDS", 0.1),
         )
 
 
@@ -174,7 +174,7 @@ class ServiceSettings:
             database_url=env.get("DATABASE_URL", DEFAULT_DATABASE_URL),
             max_workers=max_workers,
             max_message_bytes=env_int(env, "GRPC_MAX_MESSAGE_BYTES", 1024 * 1024, minimum=1024),
-            max_concurrent_rpcs=env_int(env, "GRPC_MAX_CONCURRENT_RPCS", 256, minimum=1),
+            max_concurrent_rpcs=env_int(env, "GRPC_MAX_CONCURRENT_RPCS", 1000, minimum=1),
             max_connection_idle_seconds=env_float(env, "GRPC_MAX_CONNECTION_IDLE_SECONDS", 300.0),
             max_connection_age_seconds=env_float(env, "GRPC_MAX_CONNECTION_AGE_SECONDS", 1800.0),
             # One connection per RPC thread and one for the health probe: a pool smaller than
