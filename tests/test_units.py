@@ -21,6 +21,7 @@ from servicekit.kafka import cloudevent_headers
 from servicekit.money import decimal_to_money, money_to_decimal
 from servicekit.pagination import Cursor, decode_page_token, encode_page_token, page_size
 from servicekit.settings import ServiceSettings, SettingsError
+from servicekit.sql import Statement
 from user_service.validation import normalise_email
 
 
@@ -151,3 +152,13 @@ def test_the_relay_connects_with_every_option_of_the_database_url() -> None:
         "sslrootcert": "/run/secrets/ca.pem",
         "target_session_attrs": "read-write",
     }
+
+
+def test_a_statement_numbers_each_named_parameter_once() -> None:
+    statement = Statement("SELECT %(a)s::int + %(b)s::int WHERE %(a)s::int > 0")
+    assert statement.parameters == ("a", "b")
+    assert statement.prepare_sql == (
+        f"PREPARE {statement.name} AS SELECT $1::int + $2::int WHERE $1::int > 0"
+    )
+    assert statement.execute_sql == f"EXECUTE {statement.name} (%s, %s)"
+    assert Statement(statement.sql).name == statement.name  # the same SQL, the same name
