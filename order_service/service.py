@@ -59,10 +59,12 @@ def _positive_amount(request: orders_pb2.CreateOrderRequest) -> Decimal:
 
 
 def parse_status_change(request: orders_pb2.UpdateOrderStatusRequest) -> StatusChange:
+    order_id = parse_id(request.id)
+    status = parse_requested_status(request.status)
     reason = check_printable(request.reason.strip(), "reason", allow_line_breaks=True)
     if len(reason) > MAX_REASON_LENGTH:
         raise InvalidArgument("reason", f"must be at most {MAX_REASON_LENGTH} characters")
-    return StatusChange(parse_id(request.id), parse_requested_status(request.status), reason)
+    return StatusChange(order_id, status, reason)
 
 
 class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
