@@ -24,6 +24,7 @@ from ecommerce.v1 import orders_pb2, orders_pb2_grpc
 from google.protobuf.message import DecodeError
 
 from processor.rules import OrderRule
+from servicekit.errors import status_code
 from servicekit.kafka import copy_and_wait, header, headers_without, position, producer_config
 from servicekit.retry import TRANSIENT_CODES, call_with_retry
 from servicekit.settings import KafkaSettings
@@ -277,7 +278,7 @@ class OrderEventProcessor:
                 outcomes[order_id] = DONE
                 _log_processed(change)
                 continue
-            code = _grpc_code(result.error.code)
+            code = status_code(result.error.code)
             if code in RETRYABLE_CODES and self._stop.is_set():
                 outcomes[order_id] = RETRY_LATER  # the next owner of the partition tries again
             elif code in RETRYABLE_CODES and may_retry:
@@ -344,11 +345,6 @@ EVENT_HANDLERS: dict[str, EventHandler] = {
     ORDER_CREATED: OrderEventProcessor.decide_order_created,
     ORDER_STATUS_CHANGED: OrderEventProcessor.ignore,
 }
-
-
-def _grpc_code(code: int) -> grpc.StatusCode:
-    """The grpc.StatusCode of a google.rpc.Status code number."""
-    return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
 
 
 def _log_processed(change: orders_pb2.UpdateOrderStatusRequest) -> None:

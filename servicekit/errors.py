@@ -16,6 +16,11 @@ _MAX_MESSAGE_CHARS = 400
 _MAX_EXCERPT_CHARS = 40
 
 
+def status_code(number: int) -> grpc.StatusCode:
+    """The grpc.StatusCode of a google.rpc.Status code number (UNKNOWN for one it does not know)."""
+    return next((c for c in grpc.StatusCode if c.value[0] == number), grpc.StatusCode.UNKNOWN)
+
+
 def excerpt(value: str) -> str:
     """A short, printable quotation of client input for an error message."""
     if len(value) <= _MAX_EXCERPT_CHARS:
@@ -66,13 +71,11 @@ class InvalidArgument(ServiceError):
         description = description[:_MAX_MESSAGE_CHARS]
         super().__init__(f"{field}: {description}", reason)
         self.violations = [FieldViolation(field, description)]
-        self._description = description
 
     def within(self, parent: str) -> InvalidArgument:
         """The same error about the field inside `parent`, e.g. `requests[2].reason`."""
-        return InvalidArgument(
-            f"{parent}.{self.violations[0].field}", self._description, self.reason
-        )
+        (violation,) = self.violations
+        return InvalidArgument(f"{parent}.{violation.field}", violation.description, self.reason)
 
     def details(self) -> list[any_pb2.Any]:
         bad_request = any_pb2.Any()

@@ -5,11 +5,11 @@ consumers deduplicate by event id).
 
 Each service publishes the events it wrote (its CloudEvents source). Of its replicas exactly one
 relay publishes at a time (a PostgreSQL advisory lock elects it), so rows leave in id order and
-replicas never publish the same row concurrently. The leader
-polls: often while rows keep coming, less and less often while none do, and at once when a writer
-of its own process says it staged an event (`OutboxWakeUp`). A NOTIFY trigger would wake it
-without polling, but every notifying commit takes a database-wide lock held through commit, so
-notifying writers queue behind each other and cannot share a WAL flush (half the insert rate).
+replicas never publish the same row concurrently. The leader polls: often while rows keep coming,
+less and less often while none do, and at once when a writer of its own process says it staged
+an event (`OutboxWakeUp`). A NOTIFY trigger would wake it without polling, but every notifying
+commit takes a database-wide lock held through commit, so notifying writers queue behind each
+other and cannot share a WAL flush (half the insert rate).
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from servicekit.errors import status_code
+
 
 @dataclass
 class RpcFailure:
@@ -22,8 +24,7 @@ class RpcFailure:
 
 def failure_of(status: status_pb2.Status) -> RpcFailure:
     """A google.rpc.Status (as a call's trailer or a batch's per-item result), decoded."""
-    code = next(c for c in grpc.StatusCode if c.value[0] == status.code)
-    failure = RpcFailure(code, status.message, "", {})
+    failure = RpcFailure(status_code(status.code), status.message, "", {})
     info = error_details_pb2.ErrorInfo()
     bad_request = error_details_pb2.BadRequest()
     retry_info = error_details_pb2.RetryInfo()
