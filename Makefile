@@ -20,7 +20,7 @@ export KAFKA_REPLICATION_FACTOR ?= 3
 endif
 export KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:59092
 
-.PHONY: help venv tools protos check-protos lint format infra-up infra-down migrate run test \
+.PHONY: help venv tools protos check-protos lint format certs token infra-up infra-down migrate run test \
         dlq-replay events fuzz chaos chaos-cluster bench bench-e2e
 
 help: ## List the targets
@@ -62,7 +62,15 @@ format: venv ## Apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-infra-up: venv ## Start PostgreSQL (127.0.0.1:55432) and Kafka (127.0.0.1:59092), create the topics
+certs: ## A local CA, a certificate per identity and the token signing key, in .local/certs
+	bash scripts/certs.sh
+
+SUB ?= admin
+SCOPE ?= admin
+token: venv certs ## Print a bearer token: make token SUB=<user id> SCOPE=user (or SCOPE=admin)
+	@$(PY) -m servicekit.tokens --sub "$(SUB)" --scope "$(SCOPE)"
+
+infra-up: venv certs ## Start PostgreSQL (127.0.0.1:55432) and Kafka (127.0.0.1:59092, mTLS), topics, ACLs
 	bash scripts/postgres.sh up
 	bash scripts/kafka.sh up
 	$(PY) -m servicekit.topics

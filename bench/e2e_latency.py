@@ -30,6 +30,7 @@ from google.rpc import error_details_pb2, status_pb2
 from google.type import money_pb2
 
 from servicekit.kafka import header
+from servicekit.local_credentials import admin_channel, tls_of
 from servicekit.settings import KafkaSettings
 
 STATUS_CHANGED = events_pb2.OrderStatusChanged.DESCRIPTOR.full_name
@@ -79,7 +80,7 @@ def start_watcher(kafka: KafkaSettings) -> StatusWatcher:
 
 def create_users(user_service: str, count: int) -> list[str]:
     """`count` new users, whose ids the orders take turns with."""
-    with grpc.insecure_channel(user_service) as channel:
+    with admin_channel(user_service) as channel:
         users = users_pb2_grpc.UserServiceStub(channel)
         return [
             users.CreateUser(
@@ -198,7 +199,7 @@ def measure(
     its terminal status."""
     watcher = start_watcher(kafka)
     user_ids = create_users(user_service, user_count)
-    with grpc.insecure_channel(order_service) as order_channel:
+    with admin_channel(order_service) as order_channel:
         orders = orders_pb2_grpc.OrderServiceStub(order_channel)
         run = send_at_rate(orders, user_ids, orders_to_send, rate)
     sent = run.accepted
@@ -241,7 +242,7 @@ def main() -> None:
         parser.error("--orders must be 1..100000, --users 1..1000 and --rate positive")
 
     result = measure(
-        KafkaSettings.from_env(os.environ),
+        KafkaSettings.from_env(os.environ, tls_of("admin")),
         args.user_service,
         args.order_service,
         args.orders,

@@ -11,12 +11,12 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-import grpc
 from ecommerce.v1 import orders_pb2_grpc
 
 from bench.counters import OUTBOX_TABLE, connect
 from bench.e2e_latency import SentOrders, create_users, percentiles, send_at_rate, start_watcher
 from chaos.stack import Stack
+from servicekit.local_credentials import admin_channel
 
 P99_BOUND_MS = 50.0
 # How fast the backlog may grow over a window and still count as flat (noise, batching).
@@ -161,7 +161,7 @@ class Pipeline:
         self.stack = stack
         self.watcher = start_watcher(stack.kafka)
         self.user_ids = create_users(stack.address("user_service"), USERS)
-        self._channel = grpc.insecure_channel(stack.address("order_service"))
+        self._channel = admin_channel(stack.address("order_service"))
         self._orders = orders_pb2_grpc.OrderServiceStub(self._channel)
         self.backlog = BacklogProbe(stack.database_url)
 

@@ -31,7 +31,6 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-import grpc
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 from ecommerce.events.v1 import events_pb2
@@ -52,6 +51,7 @@ from bench.pipeline import Pipeline, PipelineStuck, SweepPlan, sweep
 from bench.proc import checkouts, peak_rss_mb
 from chaos.processes import REPO
 from chaos.stack import Stack
+from servicekit.local_credentials import admin_channel
 from servicekit.settings import KafkaSettings
 
 PG_PORT = os.environ.get("PGPORT", "55432")  # as scripts/postgres.sh
@@ -228,7 +228,7 @@ Call = tuple[str, str, dict[str, object]]  # address, method, request as JSON
 
 def seed(users_at: str, orders_at: str) -> tuple[str, str]:
     """A user and an order for the read RPCs; returns their ids."""
-    with grpc.insecure_channel(users_at) as u, grpc.insecure_channel(orders_at) as o:
+    with admin_channel(users_at) as u, admin_channel(orders_at) as o:
         user = users_pb2_grpc.UserServiceStub(u).CreateUser(
             users_pb2.CreateUserRequest(email=f"b.{uuid.uuid4().hex}@example.com", name="B")
         )

@@ -15,6 +15,7 @@ import grpc
 from ecommerce.v1 import orders_pb2, orders_pb2_grpc
 from google.type import money_pb2
 
+from servicekit.local_credentials import admin_channel
 from servicekit.retry import TRANSIENT_CODES, retry_delay
 
 # Mixed outcomes under the default rule: two processed, two failed.
@@ -69,7 +70,7 @@ class OrderLoad:
             return len(self.result.acknowledged)
 
     def _work(self) -> None:
-        with grpc.insecure_channel(self._address) as channel:
+        with admin_channel(self._address) as channel:
             stub = orders_pb2_grpc.OrderServiceStub(channel)
             while time.monotonic() < self._deadline:
                 number = next(self._numbers)

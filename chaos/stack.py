@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from chaos.processes import REPO, ServiceProcess, free_port, wait_until
 from servicekit.healthcheck import is_serving
-from servicekit.kafka import ensure_topics
+from servicekit.kafka import ensure_topics, grant_access
+from servicekit.local_credentials import CERTS_ENV, tls_of
 from servicekit.schema import recreate_disposable_database
 from servicekit.settings import KafkaSettings
 
@@ -51,9 +52,10 @@ class Stack:
             "OUTBOX_PUBLISH_TIMEOUT_SECONDS": "5",
             "HEALTH_CHECK_INTERVAL_SECONDS": "0.5",
             "SHUTDOWN_GRACE_SECONDS": "10",
+            **CERTS_ENV,
             **(extra_env or {}),
         }
-        self.kafka = KafkaSettings.from_env(self.env)
+        self.kafka = KafkaSettings.from_env(self.env, tls_of("admin"))
         self.processes: dict[str, ServiceProcess] = {}
 
     def address(self, name: str) -> str:
@@ -62,6 +64,7 @@ class Stack:
     def prepare(self) -> None:
         recreate_disposable_database(self.database_url)
         ensure_topics(self.kafka)
+        grant_access(self.kafka, self.env["PROCESSOR_GROUP_ID"])
 
     def start(self, name: str) -> None:
         part = self.parts[name]
@@ -87,7 +90,9 @@ class Stack:
 
     def restart(self, name: str) -> None:
         self.start(name)
-        assert wait_until(lambda: is_serving(self.address(name)), timeout=30), name
+        assert wait_until(lambda: is_serving(self.address(name), tls_of("client")), timeout=30), (
+            name
+        )
 
     def stop_all(self) -> None:
         for process in self.processes.values():

@@ -23,6 +23,7 @@ from chaos.processes import wait_until
 from chaos.stack import CHAOS_DATABASE_URL, Stack, infra
 from chaos.topics import read_topic
 from servicekit.healthcheck import is_serving
+from servicekit.local_credentials import admin_channel, tls_of
 
 STATUS_CHANGED = events_pb2.OrderStatusChanged.DESCRIPTOR.full_name
 
@@ -75,7 +76,7 @@ def postgres_restarted(stack: Stack) -> str:
 
     def watch() -> None:
         while not stop_watching.is_set():
-            if not is_serving(stack.address("order_service"), timeout=1):
+            if not is_serving(stack.address("order_service"), tls_of("client"), timeout=1):
                 seen_not_serving.set()
             time.sleep(0.1)
 
@@ -84,7 +85,7 @@ def postgres_restarted(stack: Stack) -> str:
     infra("postgres down")
     time.sleep(3)
     infra("postgres up")
-    wait_until(lambda: is_serving(stack.address("order_service")), timeout=60)
+    wait_until(lambda: is_serving(stack.address("order_service"), tls_of("client")), timeout=60)
     stop_watching.set()
     watcher.join()
     return "NOT_SERVING seen while down" if seen_not_serving.is_set() else "NOT_SERVING not seen"
@@ -121,7 +122,7 @@ class FaultOutcome:
 
 
 def create_users(stack: Stack, count: int) -> list[str]:
-    with grpc.insecure_channel(stack.address("user_service")) as channel:
+    with admin_channel(stack.address("user_service")) as channel:
         stub = users_pb2_grpc.UserServiceStub(channel)
         return [
             stub.CreateUser(
@@ -144,7 +145,7 @@ def terminal_count(engine: Engine, order_ids: list[str]) -> int:
 
 def time_to_process_a_new_order(stack: Stack, engine: Engine, user_id: str, since: float) -> float:
     """Seconds from `since` until an order placed now reaches a terminal status."""
-    with grpc.insecure_channel(stack.address("order_service")) as channel:
+    with admin_channel(stack.address("order_service")) as channel:
         stub = orders_pb2_grpc.OrderServiceStub(channel)
         request = orders_pb2.CreateOrderRequest(
             user_id=user_id,
@@ -181,7 +182,7 @@ def effects(engine: Engine, stack: Stack, order_ids: list[str]) -> tuple[int, in
             )
         )
     announced: dict[str, set[str]] = {}
-    for record in read_topic(stack.kafka.bootstrap_servers, stack.kafka.orders_topic, timeout=60):
+    for record in read_topic(stack.kafka, stack.kafka.orders_topic, timeout=60):
         if record.header("ce_type") == STATUS_CHANGED:
             event = events_pb2.OrderStatusChanged.FromString(record.value or b"")
             if event.order_id in wanted:

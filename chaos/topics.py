@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from servicekit.kafka import Headers, header, header_pairs, position
+from servicekit.settings import KafkaSettings
 
 
 @dataclass(frozen=True)
@@ -22,14 +23,16 @@ class Record:
         return header(self.headers, name)
 
 
-def read_topic(bootstrap_servers: str, topic: str, timeout: float = 30.0) -> list[Record]:
+def read_topic(kafka: KafkaSettings, topic: str, timeout: float = 30.0) -> list[Record]:
+    """As `kafka`'s identity (the operator's, which may read every topic)."""
     consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap_servers,
-            "group.id": f"test-reader-{uuid.uuid4().hex[:8]}",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-        }
+        kafka.client_config(
+            **{
+                "group.id": f"test-reader-{uuid.uuid4().hex[:8]}",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+            }
+        )
     )
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions

@@ -18,6 +18,7 @@ from order_service.status import (
     status_to_column,
 )
 from order_service.status_changes import Applied, OrderRow, OrderStatusChanges, StatusChange
+from servicekit.access import AccessTable, ForUser, Owner, Workload, check_owner
 from servicekit.admission import PipelineDelayShedder
 from servicekit.call_scope import annotate_log
 from servicekit.db import violated_constraint
@@ -126,10 +127,12 @@ class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
         self, request: orders_pb2.GetOrderRequest, context: grpc.ServicerContext
     ) -> orders_pb2.Order:
         order_id = parse_id(request.id)
-        row = self._database.fetch_one(SELECT_ORDER, {"id": order_id})
+        found = self._database.fetch_one(SELECT_ORDER, {"id": order_id})
+        row = None if found is None else OrderRow(*found)
+        check_owner(None if row is None else str(row.user_id), f"order {order_id}")
         if row is None:
             raise NotFound(f"order {order_id} does not exist", reason="ORDER_NOT_FOUND")
-        return order_message(OrderRow(*row))
+        return order_message(row)
 
     def ListOrders(
         self, request: orders_pb2.ListOrdersRequest, context: grpc.ServicerContext
@@ -200,9 +203,19 @@ def _update_result(outcome: OrderRow | ServiceError) -> orders_pb2.OrderStatusUp
     return orders_pb2.OrderStatusUpdateResult(order=order_message(outcome))
 
 
+# Who may call what: people through their tokens, the processor alone settles orders.
+ACCESS: AccessTable = {
+    "CreateOrder": ForUser("user_id"),
+    "GetOrder": Owner(),
+    "ListOrders": ForUser("user_id"),
+    "UpdateOrderStatus": Workload("processor"),
+    "BatchUpdateOrderStatus": Workload("processor"),
+}
+
 DEFINITION = ServiceDefinition(
     full_name=orders_pb2.DESCRIPTOR.services_by_name["OrderService"].full_name,
     register=lambda server, resources: orders_pb2_grpc.add_OrderServiceServicer_to_server(
         OrderServicer(resources), server
     ),
+    access=ACCESS,
 )

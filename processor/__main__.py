@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Mapping
+from concurrent import futures
 
-import grpc
 from confluent_kafka import Consumer
 from ecommerce.v1 import orders_pb2_grpc
 
@@ -19,8 +19,9 @@ from processor.consumer import (
 from processor.rules import CurrencyAndLimitRule
 from processor.settings import ProcessorSettings
 from servicekit.jsonlog import configure_logging
-from servicekit.server import HealthServer, install_stop_signals
+from servicekit.server import Endpoint, GrpcServer, install_stop_signals
 from servicekit.settings import SettingsError
+from servicekit.tls import open_channel
 
 log = logging.getLogger("processor")
 HEALTH_SERVICE_NAME = "ecommerce.processor"
@@ -39,11 +40,20 @@ def main() -> None:
     stop = install_stop_signals()
 
     # Every client is made here, in the process that uses it (none survives a fork).
-    health = HealthServer(settings.listen_host, settings.health_port, HEALTH_SERVICE_NAME)
+    health = GrpcServer(
+        Endpoint(
+            name=HEALTH_SERVICE_NAME,
+            host=settings.listen_host,
+            port=settings.health_port,
+            tls=settings.tls,
+            reflection=settings.reflection_enabled,
+        ),
+        futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
+    )
     consumer = Consumer(consumer_config(settings.kafka, settings.group_id))
     consumer.subscribe([settings.kafka.orders_topic], on_revoke=commit_on_revoke)
     dead_letters = DeadLetterQueue(settings.kafka, settings.group_id)
-    channel = grpc.insecure_channel(settings.order_service_address)
+    channel = open_channel(settings.order_service_address, settings.tls)
     processor = OrderEventProcessor(
         consumer,
         orders_pb2_grpc.OrderServiceStub(channel),
@@ -67,7 +77,7 @@ def main() -> None:
         consumer.close()  # commits nothing more: run() committed what was applied
         dead_letters.close()
         channel.close()
-        health.stop()
+        health.stop(grace_seconds=1)
     log.info("stopped", extra={"fields": {"handled": processor.handled}})
 
 

@@ -50,22 +50,23 @@ class DeadLetter:
 
 
 def consumer_config(kafka: KafkaSettings, group_id: str, **overrides: Any) -> dict[str, Any]:
-    return {
-        "bootstrap.servers": kafka.bootstrap_servers,
-        "group.id": group_id,
-        "auto.offset.reset": "earliest",
-        # Offsets are stored by hand after the outcome is applied; auto-commit only commits
-        # what has been stored.
-        "enable.auto.commit": True,
-        "enable.auto.offset.store": False,
-        "auto.commit.interval.ms": 1000,
-        "max.poll.interval.ms": 300_000,
-        # A member that died without leaving holds its partitions until this expires: keep the
-        # pause after a crash short (the broker's minimum is 6 s).
-        "session.timeout.ms": 10_000,
-        "heartbeat.interval.ms": 2_000,
-        **overrides,
-    }
+    return kafka.client_config(
+        **{
+            "group.id": group_id,
+            "auto.offset.reset": "earliest",
+            # Offsets are stored by hand after the outcome is applied; auto-commit only commits
+            # what has been stored.
+            "enable.auto.commit": True,
+            "enable.auto.offset.store": False,
+            "auto.commit.interval.ms": 1000,
+            "max.poll.interval.ms": 300_000,
+            # A member that died without leaving holds its partitions until this expires: keep the
+            # pause after a crash short (the broker's minimum is 6 s).
+            "session.timeout.ms": 10_000,
+            "heartbeat.interval.ms": 2_000,
+            **overrides,
+        }
+    )
 
 
 class DeadLetterQueue:

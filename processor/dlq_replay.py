@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=10_000, help="replay at most this many")
     args = parser.parse_args()
     try:
-        settings = ProcessorSettings.from_env()
+        settings = ProcessorSettings.from_env(identity="dlq_replay")
     except SettingsError as error:
         sys.exit(f"configuration error: {error}")
     configure_logging("dlq-replay", settings.log_level)

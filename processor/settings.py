@@ -11,6 +11,8 @@ from decimal import Decimal, InvalidOperation
 from servicekit.settings import (
     KafkaSettings,
     SettingsError,
+    TlsSettings,
+    env_bool,
     env_float,
     env_int,
     env_text,
@@ -51,6 +53,7 @@ def _amount(env: Mapping[str, str], name: str, default: str) -> Decimal:
 @dataclass(frozen=True)
 class ProcessorSettings:
     kafka: KafkaSettings
+    tls: TlsSettings
     group_id: str
     order_service_address: str
     listen_host: str
@@ -62,15 +65,25 @@ class ProcessorSettings:
     batch_size: int
     batch_linger_seconds: float
     log_level: str
+    reflection_enabled: bool
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> ProcessorSettings:
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, identity: str = "processor"
+    ) -> ProcessorSettings:
+        """`identity`: whose certificate the process presents (the DLQ replay has its own)."""
         env = os.environ if env is None else env
+        tls = TlsSettings.from_env(env, identity)
+        order_service_address = env_text(env, "ORDER_SERVICE_ADDRESS", "127.0.0.1:50052")
+        listen_host = env_text(env, "GRPC_LISTEN_HOST", "127.0.0.1")
+        tls.require_loopback(order_service_address, "ORDER_SERVICE_ADDRESS")
+        tls.require_loopback(listen_host, "GRPC_LISTEN_HOST")
         return cls(
-            kafka=KafkaSettings.from_env(env),
+            kafka=KafkaSettings.from_env(env, tls),
+            tls=tls,
             group_id=env_text(env, "PROCESSOR_GROUP_ID", "order-processor"),
-            order_service_address=env_text(env, "ORDER_SERVICE_ADDRESS", "127.0.0.1:50052"),
-            listen_host=env_text(env, "GRPC_LISTEN_HOST", "127.0.0.1"),
+            order_service_address=order_service_address,
+            listen_host=listen_host,
             health_port=env_int(env, "PROCESSOR_HEALTH_PORT", 50053),
             accepted_currencies=_currencies(env),
             max_order_amount=_amount(env, "MAX_ORDER_AMOUNT", "10000"),
@@ -79,4 +92,5 @@ class ProcessorSettings:
             batch_size=_batch_size(env),
             batch_linger_seconds=env_float(env, "PROCESSOR_BATCH_LINGER_SECONDS", 0.005),
             log_level=parse_log_level(env),
+            reflection_enabled=env_bool(env, "GRPC_REFLECTION_ENABLED", False),
         )

@@ -10,6 +10,7 @@ set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 libs="$repo/.local/kafka/libs"
+certs=${CERTS_DIR:-$repo/.local/certs}
 pom="$repo/infra/kafka/pom.xml"
 brokers=${KAFKA_BROKERS:-1}
 case "$brokers" in
@@ -55,11 +56,24 @@ write_config() { # node
 process.roles=broker,controller
 node.id=$node
 controller.quorum.voters=$voters
-listeners=PLAINTEXT://127.0.0.1:$(broker_port "$node"),CONTROLLER://127.0.0.1:$(controller_port "$node")
-advertised.listeners=PLAINTEXT://127.0.0.1:$(broker_port "$node")
+# Every listener is mutual TLS (make certs): clients, brokers and controllers all present a
+# certificate of the local CA, whose CN becomes the principal the ACLs name.
+listeners=SSL://127.0.0.1:$(broker_port "$node"),CONTROLLER://127.0.0.1:$(controller_port "$node")
+advertised.listeners=SSL://127.0.0.1:$(broker_port "$node")
 controller.listener.names=CONTROLLER
-inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+inter.broker.listener.name=SSL
+listener.security.protocol.map=CONTROLLER:SSL,SSL:SSL
+ssl.keystore.type=PEM
+ssl.keystore.location=$certs/kafka.pem
+ssl.truststore.type=PEM
+ssl.truststore.location=$certs/ca.crt
+ssl.client.auth=required
+ssl.endpoint.identification.algorithm=https
+ssl.principal.mapping.rules=RULE:^CN=([^,]+),.*$/\$1/,RULE:^CN=([^,]+)$/\$1/,DEFAULT
+# Nothing is allowed that no ACL allows (servicekit.kafka.ACCESS), but to the brokers and the operator.
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+super.users=User:kafka;User:admin
+allow.everyone.if.no.acl.found=false
 log.dirs=$dir/data
 # Topics are created by the project (make infra-up), never by a client's first use.
 auto.create.topics.enable=false
@@ -145,6 +159,10 @@ stop_node() { # node [signal]
 }
 
 up() {
+  if [ ! -s "$certs/kafka.pem" ]; then
+    echo "kafka.sh: no broker certificate in $certs; run \`make certs\` first" >&2
+    exit 1
+  fi
   fetch_jars
   stop_other_size
   mkdir -p "$home"

@@ -32,9 +32,12 @@ start processor
 for port in "${USER_SERVICE_PORT:-50051}" "${ORDER_SERVICE_PORT:-50052}" "${PROCESSOR_HEALTH_PORT:-50053}"; do
   "$python" - "$port" <<'PY' || { stop_all; exit 1; }
 import sys, time
+import os
 from servicekit.healthcheck import is_serving
+from servicekit.settings import TlsSettings
+tls = TlsSettings.from_env(os.environ, "client")
 deadline = time.monotonic() + 30
-while not is_serving(f"127.0.0.1:{sys.argv[1]}"):
+while not is_serving(f"127.0.0.1:{sys.argv[1]}", tls):
     if time.monotonic() > deadline:
         sys.exit(f"nothing serving on port {sys.argv[1]} after 30 s")
     time.sleep(0.2)

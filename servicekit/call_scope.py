@@ -1,8 +1,9 @@
 """Ties the database work of an RPC to the RPC: when the call ends before its handler does (its
-deadline passed, or the client cancelled or disconnected), gRPC runs the call's termination
-callback, which cancels the statement the call is running, so the server stops working for nobody.
-This costs no round trip while the call is alive (a `SET LOCAL statement_timeout` per transaction
-did, and bounded only the statements, not the time between them).
+deadline passed, or the client cancelled or disconnected), the RPC boundary is told at once (its
+wait for the handler is cancelled) and cancels the statement the call is running, so the server
+stops working for nobody. This costs no round trip while the call is alive (a `SET LOCAL
+statement_timeout` per transaction did, and bounded only the statements, not the time between
+them).
 
 A connection whose statement was cancelled is never handed to another call: PostgreSQL acts on a
 cancel request asynchronously, so it is discarded at its next checkout from the pool.
@@ -58,9 +59,9 @@ class CallScope:
             with self._lock:  # waits for a cancel in progress on this connection
                 self._connections.discard(dbapi_connection)
 
-    def _on_rpc_end(self) -> None:
-        """gRPC calls this when the RPC ends; while the handler still runs, the call was cancelled
-        or ran out of time."""
+    def end_early(self) -> None:
+        """The call ended (cancelled, or out of time) while its handler may still run: cancels
+        the statements it is running."""
         with self._lock:
             if not self._running:
                 return
@@ -73,7 +74,6 @@ class CallScope:
     def entered(self) -> Iterator[CallScope]:
         """Around the handler: the database work inside belongs to this call."""
         token = _current.set(self)
-        self.context.add_callback(self._on_rpc_end)
         try:
             yield self
         finally:

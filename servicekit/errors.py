@@ -145,3 +145,17 @@ class ResourceExhausted(ServiceError):
         packed = any_pb2.Any()
         packed.Pack(retry_info)
         return [*super().details(), packed]
+
+
+class Unauthenticated(ServiceError):
+    """The call carries no credentials the service accepts."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    default_reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(ServiceError):
+    """The caller is known, and may not do this."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    default_reason = "PERMISSION_DENIED"

@@ -1,10 +1,15 @@
-"""The one place where RPC outcomes are decided for logging and where errors become statuses."""
+"""The one place where callers are authenticated and authorized, where RPC outcomes are decided
+for logging, and where errors become statuses."""
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from concurrent import futures
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -12,8 +17,18 @@ import psycopg2
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from servicekit.access import AccessTable, Caller, Rule, calling_as
 from servicekit.call_scope import CallScope
-from servicekit.errors import Cancelled, DeadlineExceeded, ServiceError, Unavailable, excerpt
+from servicekit.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    PermissionDenied,
+    ServiceError,
+    Unavailable,
+    excerpt,
+)
+from servicekit.tls import peer_workload
+from servicekit.tokens import TokenVerifier
 
 log = logging.getLogger("servicekit.rpc")
 
@@ -35,50 +50,147 @@ _DATABASE_UNREACHABLE = (
 )
 
 
-class RpcBoundary(grpc.ServerInterceptor):  # type: ignore[type-arg]
-    """Maps domain errors to gRPC statuses and writes one JSON access-log line per unary RPC."""
+class RpcBoundary(grpc.aio.ServerInterceptor[Any, Any]):
+    """Around each unary RPC of the service: authenticates the caller and applies the method's
+    access rule, maps domain errors to gRPC statuses, and writes one JSON access-log line.
 
-    def intercept_service(
+    The handlers stay synchronous and run on `workers` once the request has arrived; the event
+    loop only waits for them, so it notices at once when a call ends early (deadline, cancel)
+    and has the call's database work cancelled."""
+
+    def __init__(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        service_full_name: str,
+        access: AccessTable,
+        tokens: TokenVerifier,
+        workers: futures.Executor,
+    ) -> None:
+        self._prefix = f"/{service_full_name}/"
+        self._access = access
+        self._tokens = tokens
+        self._workers = workers
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler  # streaming (health Watch, reflection): nothing of ours to map
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
         method: str = handler_call_details.method
+        if handler is None or not method.startswith(self._prefix):
+            return handler  # health, reflection: open, and none of ours to map
+        if handler.unary_unary is None:
+            raise TypeError(f"{method}: only unary methods are wrapped")
+        call = _Call(method, self._access.get(method.removeprefix(self._prefix), _NO_RULE))
         behavior = handler.unary_unary
 
-        def observed(request: Any, context: grpc.ServicerContext) -> Any:
-            started = time.perf_counter()
-            code = grpc.StatusCode.OK
-            scope = CallScope(context)
-            try:
-                with scope.entered():
-                    return behavior(request, context)
-            except ServiceError as error:
-                code = error.code
-                context.abort_with_status(error.to_status())
-            except _DATABASE_UNREACHABLE as error:
-                failure = _database_failure(error, scope, method)
-                code = failure.code
-                context.abort_with_status(failure.to_status())
-            except Exception:
-                if (aborted_with := _code_set_by_handler(context)) is not None:
-                    code = aborted_with
-                    raise
-                # A bug: log it in full, tell the caller no more than that it was ours.
-                log.exception("unhandled error", extra={"fields": {"method": method}})
-                code = grpc.StatusCode.INTERNAL
-                context.abort(code, "internal error; it has been logged")
-            finally:
-                _log_rpc(method, code, started, request, scope.log_fields)
+        async def observed(request: Any, context: Any) -> Any:
+            return await self._observe(call, behavior, request, context)
 
         return grpc.unary_unary_rpc_method_handler(
             observed,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+    async def _observe(
+        self, call: _Call, behavior: Callable[[Any, Any], Any], request: Any, context: Any
+    ) -> Any:
+        started = time.perf_counter()
+        scope = CallScope(context)
+        caller: list[Caller] = []  # set by the worker once the caller is known
+
+        def log_outcome(code: grpc.StatusCode) -> None:
+            # Before the status is sent: whoever sees the status can read the line.
+            known = caller[0] if caller else None
+            _log_rpc(call.method, code, started, request, known, scope.log_fields)
+
+        try:
+            response = await asyncio.get_running_loop().run_in_executor(
+                self._workers,
+                contextvars.copy_context().run,
+                self._handle,
+                call,
+                behavior,
+                request,
+                context,
+                scope,
+                caller,
+            )
+        except asyncio.CancelledError:
+            scope.end_early()  # the call ended before its handler: stop its database work
+            log_outcome(
+                grpc.StatusCode.DEADLINE_EXCEEDED
+                if scope.deadline_passed()
+                else grpc.StatusCode.CANCELLED
+            )
+            raise
+        except Exception as error:
+            failure = _as_service_error(error, scope, call.method)
+            log_outcome(failure.code)
+            await _abort(context, failure)
+        log_outcome(grpc.StatusCode.OK)
+        return response
+
+    def _handle(
+        self,
+        call: _Call,
+        behavior: Callable[[Any, Any], Any],
+        request: Any,
+        context: Any,
+        scope: CallScope,
+        caller: list[Caller],
+    ) -> Any:
+        """On a worker thread: who calls, may they, and the handler itself."""
+        caller.append(self._authenticate(call.rule, context))
+        call.rule.check(caller[0], request)
+        with scope.entered(), calling_as(caller[0]):
+            return behavior(request, context)
+
+    def _authenticate(self, rule: Rule, context: Any) -> Caller:
+        workload = peer_workload(context)
+        if not rule.needs_token:
+            return Caller(workload, None)
+        authorization = next(
+            (value for key, value in context.invocation_metadata() if key == "authorization"),
+            None,
+        )
+        return Caller(workload, self._tokens.verify(authorization))
+
+
+@dataclass(frozen=True)
+class _Call:
+    method: str
+    rule: Rule
+
+
+class _NoRule:
+    """What a method missing from the access table gets: nobody may call it."""
+
+    needs_token = False
+
+    def check(self, caller: Caller, request: Any) -> None:
+        raise PermissionDenied("this method has no access rule", reason="METHOD_NOT_ALLOWED")
+
+
+_NO_RULE = _NoRule()
+
+
+async def _abort(context: Any, error: ServiceError) -> None:
+    status = error.to_status()
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+def _as_service_error(error: Exception, scope: CallScope, method: str) -> ServiceError:
+    if isinstance(error, ServiceError):
+        return error
+    if isinstance(error, _DATABASE_UNREACHABLE):
+        return _database_failure(error, scope, method)
+    # A bug: log it in full, tell the caller no more than that it was ours.
+    log.error("unhandled error", exc_info=error, extra={"fields": {"method": method}})
+    return ServiceError("internal error; it has been logged")
 
 
 def _database_failure(error: Exception, scope: CallScope, method: str) -> ServiceError:
@@ -99,6 +211,7 @@ def _log_rpc(
     code: grpc.StatusCode,
     started: float,
     request: Any,
+    caller: Caller | None,
     annotations: dict[str, object],
 ) -> None:
     """The call's one log line: what was asked, what came of it (handlers add to it through
@@ -108,15 +221,17 @@ def _log_rpc(
         "code": code.name,
         "duration_ms": round((time.perf_counter() - started) * 1000, 2),
     }
+    if caller is not None:
+        fields["caller"] = caller.workload or ""
+        if caller.claims is not None:
+            fields["subject"] = excerpt_id(caller.claims.subject)
     declared = request.DESCRIPTOR.fields_by_name
     for name in _LOGGED_ID_FIELDS:
         if name in declared and (value := getattr(request, name)):
-            fields[name] = value if len(value) <= _LOGGED_ID_CHARS else excerpt(value)
+            fields[name] = excerpt_id(value)
     fields.update(annotations)
     log.info("rpc", extra={"fields": fields})
 
 
-def _code_set_by_handler(context: grpc.ServicerContext) -> grpc.StatusCode | None:
-    """The status a handler set before raising (e.g. through `context.abort`), if any."""
-    code: grpc.StatusCode | None = context.code()  # type: ignore[attr-defined]  # not in the stubs
-    return code
+def excerpt_id(value: str) -> str:
+    return value if len(value) <= _LOGGED_ID_CHARS else excerpt(value)

@@ -12,6 +12,13 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin._acl import (
+    AclBinding,
+    AclBindingFilter,
+    AclOperation,
+    AclPermissionType,
+)
+from confluent_kafka.admin._resource import ResourcePatternType, ResourceType
 from confluent_kafka.cimpl import NewTopic
 
 from servicekit.settings import KafkaSettings
@@ -29,15 +36,16 @@ CLOUDEVENTS_SPEC_VERSION = "1.0"
 def producer_config(settings: KafkaSettings, client_id: str, **overrides: Any) -> dict[str, Any]:
     """An idempotent producer: acks from every in-sync replica, retries that neither duplicate
     nor reorder within a partition."""
-    return {
-        "bootstrap.servers": settings.bootstrap_servers,
-        "client.id": client_id,
-        "enable.idempotence": True,
-        "acks": "all",
-        "linger.ms": 5,
-        "compression.type": settings.compression,
-        **overrides,
-    }
+    return settings.client_config(
+        **{
+            "client.id": client_id,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "compression.type": settings.compression,
+            **overrides,
+        }
+    )
 
 
 def cloudevent_headers(
@@ -108,7 +116,7 @@ def copy_and_wait(producer: Producer, message: Message, topic: str, headers: Hea
 
 def ensure_topics(settings: KafkaSettings, timeout_seconds: float = 60.0) -> None:
     """Creates the project's topics if they do not exist (the broker never auto-creates them)."""
-    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    admin = AdminClient(settings.client_config())
     # With three or more replicas, an acknowledged write survives the loss of one broker.
     min_insync = "2" if settings.replication_factor >= 3 else "1"
     wanted = [
@@ -142,3 +150,78 @@ def _create(admin: AdminClient, topics: Iterable[NewTopic]) -> list[str]:
                 log.warning("topic not created yet: %s", error, extra={"fields": {"topic": name}})
                 pending.append(name)
     return pending
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Operations a principal may perform on one topic or consumer group."""
+
+    principal: str  # the CN of its certificate
+    resource: ResourceType
+    name: str
+    operations: tuple[AclOperation, ...]
+
+
+_PRODUCE = (AclOperation.WRITE, AclOperation.DESCRIBE)
+_CONSUME = (AclOperation.READ, AclOperation.DESCRIBE)
+
+
+def access_grants(settings: KafkaSettings, processor_group: str) -> list[Grant]:
+    """Who may do what on the broker: each service writes its own topic only; the processor reads
+    the orders topic in its group and writes only the DLQ; the DLQ replay (its own principal)
+    reads the DLQ and writes back to the orders topic. Everyone else is refused."""
+    topic, group = ResourceType.TOPIC, ResourceType.GROUP
+    return [
+        Grant("order_service", topic, settings.orders_topic, _PRODUCE),
+        Grant("user_service", topic, settings.users_topic, _PRODUCE),
+        Grant("processor", topic, settings.orders_topic, _CONSUME),
+        Grant("processor", group, processor_group, _CONSUME),
+        Grant("processor", topic, settings.orders_dlq_topic, _PRODUCE),
+        Grant("dlq_replay", topic, settings.orders_dlq_topic, _CONSUME),
+        Grant("dlq_replay", group, f"{processor_group}-dlq-replay", _CONSUME),
+        Grant("dlq_replay", topic, settings.orders_topic, _PRODUCE),
+    ]
+
+
+def _bindings(grants: Iterable[Grant]) -> list[AclBinding]:
+    return [
+        AclBinding(
+            grant.resource,
+            grant.name,
+            ResourcePatternType.LITERAL,
+            f"User:{grant.principal}",
+            "*",
+            operation,
+            AclPermissionType.ALLOW,
+        )
+        for grant in grants
+        for operation in grant.operations
+    ]
+
+
+def grant_access(settings: KafkaSettings, processor_group: str) -> None:
+    """Creates the ACLs of access_grants (idempotent); needs a super user's certificate."""
+    admin = AdminClient(settings.client_config())
+    for future in admin.create_acls(
+        _bindings(access_grants(settings, processor_group)), request_timeout=30
+    ).values():
+        future.result()
+
+
+def revoke_access(settings: KafkaSettings, processor_group: str) -> None:
+    """Deletes what grant_access created (for topics that are deleted with it)."""
+    admin = AdminClient(settings.client_config())
+    filters = [
+        AclBindingFilter(
+            b.restype,
+            b.name,
+            b.resource_pattern_type,
+            b.principal,
+            b.host,
+            b.operation,
+            b.permission_type,
+        )
+        for b in _bindings(access_grants(settings, processor_group))
+    ]
+    for future in admin.delete_acls(filters, request_timeout=30).values():
+        future.result()

@@ -1,37 +1,47 @@
-"""Server bootstrap shared by every service: port, health, reflection, logs, graceful shutdown."""
+"""Server bootstrap shared by every service: port, TLS, health, reflection, logs, graceful
+shutdown."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # not in the stubs
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy import Engine
 
+from servicekit.access import AccessTable
 from servicekit.db import create_db_engine, database_answers
 from servicekit.interceptors import RpcBoundary
 from servicekit.jsonlog import configure_logging
 from servicekit.outbox import OutboxRelay, event_source
-from servicekit.settings import ServiceSettings, SettingsError
+from servicekit.settings import ServiceSettings, SettingsError, TlsSettings
 from servicekit.sql import Database
+from servicekit.tls import server_credentials
+from servicekit.tokens import TokenVerifier
 
 log = logging.getLogger("servicekit.server")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class ServiceDefinition:
-    """What a service contributes: its full proto name and how to add its servicer to a server."""
+    """What a service contributes: its full proto name, how to add its servicer to a server, and
+    who may call each of its methods."""
 
     full_name: str
-    register: Callable[[grpc.Server, ServiceResources], None]
+    register: Callable[[grpc.aio.Server, ServiceResources], None]
+    access: AccessTable
 
 
 @dataclass(frozen=True)
@@ -47,29 +57,129 @@ class ServiceResources:
         return event_source(self.settings.service_name)
 
 
-def set_serving(health_servicer: health.HealthServicer, names: list[str], serving: bool) -> None:
-    status = (
-        health_pb2.HealthCheckResponse.SERVING
-        if serving
-        else health_pb2.HealthCheckResponse.NOT_SERVING
-    )
-    for name in names:
-        health_servicer.set(name, status)
+class ServingLoop:
+    """An asyncio event loop in a thread of its own, where a gRPC server reads requests and writes
+    responses. Handlers stay synchronous and run on the server's thread pool, which a call enters
+    only once its request has arrived: calls that send headers and never a message hold no worker
+    (in grpc's synchronous server each would hold one)."""
+
+    def __init__(self, name: str) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name=f"{name}-loop", daemon=True
+        )
+        self._thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Runs `coroutine` on the loop and waits for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """How a server listens and what it offers besides its own service."""
+
+    name: str  # the health service name of what is served
+    host: str
+    port: int
+    tls: TlsSettings
+    reflection: bool
+    options: Sequence[tuple[str, Any]] = ()
+    maximum_concurrent_rpcs: int | None = None
+
+
+class GrpcServer:
+    """A started gRPC server with health (NOT_SERVING until told otherwise) and, when enabled,
+    reflection, on a ServingLoop of its own."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        workers: futures.ThreadPoolExecutor,
+        interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
+        register: Callable[[grpc.aio.Server], None] = lambda _server: None,
+    ) -> None:
+        self._workers = workers  # where synchronous handlers run
+        self._loop = ServingLoop(endpoint.name)
+        self._names = ["", endpoint.name]
+        self._health = health_aio.HealthServicer()
+        try:
+            self._server, self.port = self._loop.run(self._start(endpoint, interceptors, register))
+        except BaseException:
+            self._loop.close()
+            raise
+
+    async def _start(
+        self,
+        endpoint: Endpoint,
+        interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]],
+        register: Callable[[grpc.aio.Server], None],
+    ) -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server(
+            migration_thread_pool=self._workers,
+            interceptors=interceptors,
+            options=endpoint.options,
+            maximum_concurrent_rpcs=endpoint.maximum_concurrent_rpcs,
+        )
+        register(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        if endpoint.reflection:
+            reflection.enable_server_reflection(
+                [endpoint.name, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+            )
+        await self._set_serving(False)
+        port = _listen(server, endpoint)
+        await server.start()
+        return server, port
+
+    def set_serving(self, serving: bool) -> None:
+        self._loop.run(self._set_serving(serving))
+
+    async def _set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in self._names:
+            await self._health.set(name, status)
+
+    def stop(self, grace_seconds: float) -> None:
+        """Health turns NOT_SERVING, new RPCs are refused, in-flight ones get `grace_seconds`."""
+        self._loop.run(self._stop(grace_seconds))
+        self._loop.close()
+        self._workers.shutdown(wait=False)
+
+    async def _stop(self, grace_seconds: float) -> None:
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace_seconds)
+
+
+def _listen(server: grpc.aio.Server, endpoint: Endpoint) -> int:
+    address = f"{endpoint.host}:{endpoint.port}"
+    try:
+        if endpoint.tls.insecure:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, server_credentials(endpoint.tls))
+    except RuntimeError as error:
+        raise OSError(f"cannot listen on {address}: {error}") from None
+    if bound == 0:
+        raise OSError(f"cannot listen on {address}")
+    return bound
 
 
 class DatabaseHealthMonitor:
     """Reports NOT_SERVING for the service while its database does not answer."""
 
-    def __init__(
-        self,
-        engine: Engine,
-        health_servicer: health.HealthServicer,
-        names: list[str],
-        interval: float,
-    ) -> None:
+    def __init__(self, engine: Engine, server: GrpcServer, interval: float) -> None:
         self._engine = engine
-        self._health = health_servicer
-        self._names = names
+        self._server = server
         self._interval = interval
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="db-health", daemon=True)
@@ -81,13 +191,14 @@ class DatabaseHealthMonitor:
 
     def stop(self) -> None:
         self._stopped.set()
+        self._thread.join()
 
     def check(self) -> None:
         serving = database_answers(self._engine)
         if serving == self._serving or self._stopped.is_set():
             return
         self._serving = serving
-        set_serving(self._health, self._names, serving)
+        self._server.set_serving(serving)
         log.log(
             logging.INFO if serving else logging.WARNING,
             "health changed",
@@ -104,26 +215,22 @@ class RunningService:
 
     def __init__(
         self,
-        server: grpc.Server,
-        port: int,
+        server: GrpcServer,
         engine: Engine,
-        health_servicer: health.HealthServicer,
         monitor: DatabaseHealthMonitor,
         relay: OutboxRelay | None,
     ) -> None:
         self.server = server
-        self.port = port
+        self.port = server.port
         self.relay = relay
         self._engine = engine
-        self._health = health_servicer
         self._monitor = monitor
 
     def stop(self, grace_seconds: float) -> None:
         """Reject new RPCs, give in-flight ones `grace_seconds` to finish, let the relay publish
         what they committed, then release the pool."""
         self._monitor.stop()
-        self._health.enter_graceful_shutdown()
-        self.server.stop(grace_seconds).wait()
+        self.server.stop(grace_seconds)
         if self.relay is not None:
             self.relay.stop()
         self._engine.dispose()
@@ -148,29 +255,32 @@ def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
 
 def start_service(definition: ServiceDefinition, settings: ServiceSettings) -> RunningService:
     """Builds and starts the server. Port 0 picks a free port, reported as `RunningService.port`."""
+    tokens = TokenVerifier(settings.auth)  # a missing key file stops the start, before any port
     engine = create_db_engine(settings)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(
-            max_workers=settings.max_workers, thread_name_prefix=settings.service_name
-        ),
-        interceptors=[RpcBoundary()],
-        options=server_options(settings),
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    resources = ServiceResources(Database(engine), settings)
+    workers = futures.ThreadPoolExecutor(
+        max_workers=settings.max_workers, thread_name_prefix=settings.service_name
     )
-    definition.register(
-        server,
-        ServiceResources(Database(engine), settings),
-    )
-    health_servicer = _add_health_and_reflection(server, definition.full_name)
     try:
-        port = _listen(server, settings.listen_host, settings.port)
-    except OSError:
+        server = GrpcServer(
+            Endpoint(
+                name=definition.full_name,
+                host=settings.listen_host,
+                port=settings.port,
+                tls=settings.tls,
+                reflection=settings.auth.reflection_enabled,
+                options=server_options(settings),
+                maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+            ),
+            workers,
+            interceptors=[RpcBoundary(definition.full_name, definition.access, tokens, workers)],
+            register=lambda server: definition.register(server, resources),
+        )
+    except BaseException:
+        workers.shutdown(wait=False)
         engine.dispose()
         raise
-
-    monitor = DatabaseHealthMonitor(
-        engine, health_servicer, ["", definition.full_name], settings.health_check_interval_seconds
-    )
+    monitor = DatabaseHealthMonitor(engine, server, settings.health_check_interval_seconds)
     monitor.start()
     relay = None
     if settings.outbox.relay_enabled:
@@ -182,44 +292,7 @@ def start_service(definition: ServiceDefinition, settings: ServiceSettings) -> R
             settings.service_name,
         )
         relay.start()
-    server.start()
-    return RunningService(server, port, engine, health_servicer, monitor, relay)
-
-
-def _add_health_and_reflection(server: grpc.Server, service_name: str) -> health.HealthServicer:
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [service_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-    )
-    return health_servicer
-
-
-def _listen(server: grpc.Server, host: str, port: int) -> int:
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
-    return bound
-
-
-class HealthServer:
-    """A gRPC server with only health and reflection, for a process that serves no RPCs of its
-    own (the processor), so that it is watched like the services."""
-
-    def __init__(self, host: str, port: int, service_name: str) -> None:
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        self._health = _add_health_and_reflection(self._server, service_name)
-        self._names = ["", service_name]
-        self.port = _listen(self._server, host, port)
-        self.set_serving(False)
-        self._server.start()
-
-    def set_serving(self, serving: bool) -> None:
-        set_serving(self._health, self._names, serving)
-
-    def stop(self) -> None:
-        self._health.enter_graceful_shutdown()
-        self._server.stop(1).wait()
+    return RunningService(server, engine, monitor, relay)
 
 
 def install_stop_signals() -> threading.Event:
@@ -243,7 +316,10 @@ def serve(definition: ServiceDefinition, settings_loader: Callable[[], ServiceSe
         sys.exit(f"configuration error: {error}")
     configure_logging(settings.service_name, settings.log_level)
     stop_requested = install_stop_signals()
-    running = start_service(definition, settings)
+    try:
+        running = start_service(definition, settings)
+    except SettingsError as error:
+        sys.exit(f"configuration error: {error}")
     log.info("serving", extra={"fields": {"host": settings.listen_host, "port": running.port}})
     stop_requested.wait()
     running.stop(settings.shutdown_grace_seconds)

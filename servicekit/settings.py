@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 DEFAULT_DATABASE_URL = "postgresql+psycopg2://ecommerce@127.0.0.1:55432/ecommerce"
 
@@ -57,7 +58,71 @@ def env_text(env: Mapping[str, str], name: str, default: str) -> str:
     return value.strip()
 
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "[::1]", "localhost"})
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a host, or a host:port, names this machine's loopback interface."""
+    host = address.rsplit(":", 1)[0] if address.count(":") == 1 or "]:" in address else address
+    return host in LOOPBACK_HOSTS
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """A process's identity for mutual TLS (gRPC and Kafka): its certificate and key, signed by
+    the CA it trusts. By default `CERTS_DIR/<identity>.crt|.key` and `CERTS_DIR/ca.crt`, as
+    `make certs` writes them. `GRPC_INSECURE=true` turns TLS off for gRPC, on loopback only."""
+
+    identity: str
+    ca_file: str
+    cert_file: str
+    key_file: str
+    insecure: bool
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], identity: str) -> TlsSettings:
+        certs_dir = env_text(env, "CERTS_DIR", ".local/certs")
+        return cls(
+            identity=identity,
+            ca_file=env_text(env, "TLS_CA_FILE", f"{certs_dir}/ca.crt"),
+            cert_file=env_text(env, "TLS_CERT_FILE", f"{certs_dir}/{identity}.crt"),
+            key_file=env_text(env, "TLS_KEY_FILE", f"{certs_dir}/{identity}.key"),
+            insecure=env_bool(env, "GRPC_INSECURE", False),
+        )
+
+    def require_loopback(self, address: str, variable: str) -> None:
+        """Plaintext is refused anywhere but loopback, whatever the settings say."""
+        if self.insecure and not is_loopback(address):
+            raise SettingsError(
+                f"GRPC_INSECURE=true is allowed on loopback only, but {variable} is {address!r}"
+            )
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """How bearer tokens are checked: signed with EdDSA by the holder of the private key, checked
+    with the public key (key rotation: restart with the new file)."""
+
+    public_key_file: str
+    issuer: str
+    audience: str
+    reflection_enabled: bool
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> AuthSettings:
+        certs_dir = env_text(env, "CERTS_DIR", ".local/certs")
+        return cls(
+            public_key_file=env_text(
+                env, "AUTH_TOKEN_PUBLIC_KEY_FILE", f"{certs_dir}/token-signing.pub"
+            ),
+            issuer=env_text(env, "AUTH_TOKEN_ISSUER", "https://auth.ecommerce.local"),
+            audience=env_text(env, "AUTH_TOKEN_AUDIENCE", "ecommerce"),
+            reflection_enabled=env_bool(env, "GRPC_REFLECTION_ENABLED", False),
+        )
+
+
 _COMPRESSION_TYPES = ("none", "gzip", "snappy", "lz4", "zstd")
+_KAFKA_PROTOCOLS = ("SSL", "PLAINTEXT")
 
 
 def _compression(env: Mapping[str, str]) -> str:
@@ -78,9 +143,11 @@ class KafkaSettings:
     topic_partitions: int
     replication_factor: int
     compression: str
+    # librdkafka's properties for how this process connects and who it is to the broker's ACLs.
+    security: Mapping[str, str]
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> KafkaSettings:
+    def from_env(cls, env: Mapping[str, str], tls: TlsSettings) -> KafkaSettings:
         return cls(
             bootstrap_servers=env_text(env, "KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:59092"),
             orders_topic=env_text(env, "KAFKA_ORDERS_TOPIC", "ecommerce.orders.v1"),
@@ -89,7 +156,27 @@ class KafkaSettings:
             topic_partitions=env_int(env, "KAFKA_TOPIC_PARTITIONS", 3, minimum=1),
             replication_factor=env_int(env, "KAFKA_REPLICATION_FACTOR", 1, minimum=1),
             compression=_compression(env),
+            security=_kafka_security(env, tls),
         )
+
+    def client_config(self, **overrides: Any) -> dict[str, Any]:
+        """The base of every Kafka client's configuration: where the brokers are and who we are."""
+        return {"bootstrap.servers": self.bootstrap_servers, **self.security, **overrides}
+
+
+def _kafka_security(env: Mapping[str, str], tls: TlsSettings) -> dict[str, str]:
+    """Mutual TLS: the broker maps the certificate's CN to the principal its ACLs name."""
+    protocol = env_text(env, "KAFKA_SECURITY_PROTOCOL", "SSL").upper()
+    if protocol not in _KAFKA_PROTOCOLS:
+        raise SettingsError(f"KAFKA_SECURITY_PROTOCOL must be one of {', '.join(_KAFKA_PROTOCOLS)}")
+    if protocol == "PLAINTEXT":
+        return {"security.protocol": "plaintext"}
+    return {
+        "security.protocol": "ssl",
+        "ssl.ca.location": tls.ca_file,
+        "ssl.certificate.location": tls.cert_file,
+        "ssl.key.location": tls.key_file,
+    }
 
 
 @dataclass(frozen=True)
@@ -156,6 +243,8 @@ class ServiceSettings:
     kafka: KafkaSettings
     outbox: OutboxSettings
     backpressure: BackpressureSettings
+    tls: TlsSettings
+    auth: AuthSettings
 
     @classmethod
     def from_env(
@@ -167,9 +256,12 @@ class ServiceSettings:
     ) -> ServiceSettings:
         env = os.environ if env is None else env
         max_workers = env_int(env, "GRPC_MAX_WORKERS", 16, minimum=1)
+        listen_host = env.get("GRPC_LISTEN_HOST", "127.0.0.1")
+        tls = TlsSettings.from_env(env, service_name)
+        tls.require_loopback(listen_host, "GRPC_LISTEN_HOST")
         return cls(
             service_name=service_name,
-            listen_host=env.get("GRPC_LISTEN_HOST", "127.0.0.1"),
+            listen_host=listen_host,
             port=env_int(env, port_variable, default_port),
             database_url=env.get("DATABASE_URL", DEFAULT_DATABASE_URL),
             max_workers=max_workers,
@@ -184,7 +276,9 @@ class ServiceSettings:
             shutdown_grace_seconds=env_float(env, "SHUTDOWN_GRACE_SECONDS", 10.0),
             health_check_interval_seconds=env_float(env, "HEALTH_CHECK_INTERVAL_SECONDS", 2.0),
             log_level=parse_log_level(env),
-            kafka=KafkaSettings.from_env(env),
+            kafka=KafkaSettings.from_env(env, tls),
             outbox=OutboxSettings.from_env(env),
             backpressure=BackpressureSettings.from_env(env),
+            tls=tls,
+            auth=AuthSettings.from_env(env),
         )

@@ -1,4 +1,5 @@
-"""`python -m servicekit.topics`: create the topics named by the KAFKA_* settings (idempotent)."""
+"""`python -m servicekit.topics`: create the topics named by the KAFKA_* settings and the ACLs of
+each principal on them (idempotent). Runs as the operator (`admin` identity, a Kafka super user)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ import logging
 import os
 
 from servicekit.jsonlog import configure_logging
-from servicekit.kafka import ensure_topics
-from servicekit.settings import KafkaSettings, parse_log_level
+from servicekit.kafka import ensure_topics, grant_access
+from servicekit.settings import KafkaSettings, TlsSettings, env_text, parse_log_level
 
 if __name__ == "__main__":
     configure_logging("topics", parse_log_level(os.environ))
-    settings = KafkaSettings.from_env(os.environ)
+    settings = KafkaSettings.from_env(os.environ, TlsSettings.from_env(os.environ, "admin"))
     ensure_topics(settings)
+    grant_access(settings, env_text(os.environ, "PROCESSOR_GROUP_ID", "order-processor"))
     logging.getLogger("servicekit.topics").info(
         "topics ready",
         extra={

@@ -8,14 +8,14 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 from confluent_kafka.admin import AdminClient
 from ecommerce.v1 import orders_pb2_grpc, users_pb2, users_pb2_grpc
 from sqlalchemy import Engine, create_engine
 
 from order_service.service import DEFINITION as ORDER_SERVICE
-from servicekit.kafka import ensure_topics
+from servicekit.kafka import ensure_topics, grant_access, revoke_access
+from servicekit.local_credentials import CERTS_ENV, admin_channel, channel, tls_of
 from servicekit.outbox import OutboxRelay, event_source
 from servicekit.schema import recreate_disposable_database
 from servicekit.server import RunningService, ServiceDefinition, start_service
@@ -41,8 +41,12 @@ TEST_ENV = {
     # Tests assert on every order they place: none may be shed (tests/test_backpressure.py
     # turns shedding on for a server of its own).
     "BACKPRESSURE_ENABLED": "false",
+    "GRPC_REFLECTION_ENABLED": "true",
+    **CERTS_ENV,
 }
-KAFKA = KafkaSettings.from_env(TEST_ENV)
+# The run's own view of Kafka (topics, reading what was published): the operator's identity.
+KAFKA = KafkaSettings.from_env(TEST_ENV, tls_of("admin"))
+PROCESSOR_GROUP = f"test-{RUN_ID}-order-processor"
 
 
 def service_settings(service_name: str, **env: str) -> ServiceSettings:
@@ -58,7 +62,7 @@ def new_relay(service_name: str = "order_service", **env: str) -> OutboxRelay:
     merged = {**TEST_ENV, **env}
     return OutboxRelay(
         TEST_DATABASE_URL,
-        KafkaSettings.from_env(merged),
+        KafkaSettings.from_env(merged, tls_of(service_name)),
         OutboxSettings.from_env(merged),
         event_source(service_name),
         client_id=f"test-relay-{uuid.uuid4().hex[:6]}",
@@ -67,10 +71,12 @@ def new_relay(service_name: str = "order_service", **env: str) -> OutboxRelay:
 
 @pytest.fixture(scope="session")
 def kafka_topics() -> Iterator[KafkaSettings]:
-    """This run's topics on the real broker, deleted when the run ends."""
+    """This run's topics on the real broker and their ACLs, deleted when the run ends."""
     ensure_topics(KAFKA, timeout_seconds=30)
+    grant_access(KAFKA, PROCESSOR_GROUP)
     yield KAFKA
-    admin = AdminClient({"bootstrap.servers": KAFKA.bootstrap_servers})
+    revoke_access(KAFKA, PROCESSOR_GROUP)
+    admin = AdminClient(KAFKA.client_config())
     topics = [KAFKA.orders_topic, KAFKA.users_topic, KAFKA.orders_dlq_topic]
     for future in admin.delete_topics(topics, request_timeout=10).values():
         future.result()
@@ -134,13 +140,13 @@ def order_server(database_url: str) -> Iterator[RunningService]:
 
 @pytest.fixture(scope="session")
 def users(user_server: RunningService) -> Iterator[users_pb2_grpc.UserServiceStub]:
-    with grpc.insecure_channel(f"127.0.0.1:{user_server.port}") as channel:
+    with admin_channel(f"localhost:{user_server.port}") as channel:
         yield users_pb2_grpc.UserServiceStub(channel)
 
 
 @pytest.fixture(scope="session")
 def orders(order_server: RunningService) -> Iterator[orders_pb2_grpc.OrderServiceStub]:
-    with grpc.insecure_channel(f"127.0.0.1:{order_server.port}") as channel:
+    with admin_channel(f"localhost:{order_server.port}") as channel:
         yield orders_pb2_grpc.OrderServiceStub(channel)
 
 
@@ -155,3 +161,10 @@ def user(users: users_pb2_grpc.UserServiceStub) -> users_pb2.User:
         users_pb2.CreateUserRequest(email=unique_email(), name="Test User")
     )
     return created
+
+
+@pytest.fixture(scope="session")
+def settlements(order_server: RunningService) -> Iterator[orders_pb2_grpc.OrderServiceStub]:
+    """OrderService as the processor calls it: with the processor's certificate, no token."""
+    with channel(f"localhost:{order_server.port}", "processor") as processor_channel:
+        yield orders_pb2_grpc.OrderServiceStub(processor_channel)

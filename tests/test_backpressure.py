@@ -13,6 +13,7 @@ from sqlalchemy import Engine
 from order_service.service import DEFINITION as ORDER_SERVICE
 from servicekit.admission import SIGNAL_TTL_SECONDS, PipelineDelayShedder
 from servicekit.errors import ResourceExhausted
+from servicekit.local_credentials import channel, token
 from servicekit.server import start_service
 from servicekit.settings import BackpressureSettings
 from tests.conftest import service_settings
@@ -31,8 +32,10 @@ def shedding_orders(database_url: str) -> Iterator[orders_pb2_grpc.OrderServiceS
     )
     running = start_service(ORDER_SERVICE, settings)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-            yield orders_pb2_grpc.OrderServiceStub(channel)
+        # The processor's certificate (to settle) with an admin's token (to place and read).
+        address = f"127.0.0.1:{running.port}"
+        with channel(address, "processor", bearer=token()) as processor_channel:
+            yield orders_pb2_grpc.OrderServiceStub(processor_channel)
     finally:
         running.stop(grace_seconds=1)
 

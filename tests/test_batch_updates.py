@@ -38,15 +38,18 @@ def history_rows(engine: Engine, order_ids: list[str]) -> int:
 
 
 def test_each_change_of_a_batch_gets_its_own_result_in_order(
-    orders: orders_pb2_grpc.OrderServiceStub, user: users_pb2.User, engine: Engine
+    orders: orders_pb2_grpc.OrderServiceStub,
+    user: users_pb2.User,
+    engine: Engine,
+    settlements: orders_pb2_grpc.OrderServiceStub,
 ) -> None:
     to_process, to_fail, settled, same = (place(orders, user.id, usd(5)).id for _ in range(4))
     unknown = str(uuid.uuid4())
-    orders.UpdateOrderStatus(change(settled, FAILED, "earlier"))
-    orders.UpdateOrderStatus(change(same, PROCESSED, "earlier"))
+    settlements.UpdateOrderStatus(change(settled, FAILED, "earlier"))
+    settlements.UpdateOrderStatus(change(same, PROCESSED, "earlier"))
 
     results = batch(
-        orders,
+        settlements,
         change(to_process, PROCESSED, "accepted"),
         change(to_fail, FAILED, "MAX_ORDER_AMOUNT"),
         change(settled, PROCESSED),
@@ -77,11 +80,14 @@ def test_each_change_of_a_batch_gets_its_own_result_in_order(
 
 
 def test_a_batch_settles_many_orders_with_one_event_each(
-    orders: orders_pb2_grpc.OrderServiceStub, user: users_pb2.User, engine: Engine
+    orders: orders_pb2_grpc.OrderServiceStub,
+    user: users_pb2.User,
+    engine: Engine,
+    settlements: orders_pb2_grpc.OrderServiceStub,
 ) -> None:
     placed = [place(orders, user.id, usd(5)).id for _ in range(60)]
 
-    results = batch(orders, *(change(order_id, PROCESSED, "accepted") for order_id in placed))
+    results = batch(settlements, *(change(order_id, PROCESSED, "accepted") for order_id in placed))
 
     assert [r.order.id for r in results] == placed
     assert {r.order.status for r in results} == {PROCESSED}
@@ -96,19 +102,22 @@ def test_a_batch_settles_many_orders_with_one_event_each(
 
 
 def test_a_batch_and_single_updates_racing_leave_one_winner_per_order(
-    orders: orders_pb2_grpc.OrderServiceStub, user: users_pb2.User, engine: Engine
+    orders: orders_pb2_grpc.OrderServiceStub,
+    user: users_pb2.User,
+    engine: Engine,
+    settlements: orders_pb2_grpc.OrderServiceStub,
 ) -> None:
     placed = [place(orders, user.id, usd(5)).id for _ in range(20)]
 
     def single(order_id: str) -> None:
         try:
-            orders.UpdateOrderStatus(change(order_id, FAILED))
+            settlements.UpdateOrderStatus(change(order_id, FAILED))
         except grpc.RpcError as error:
             assert error.code() is grpc.StatusCode.FAILED_PRECONDITION
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         singles = pool.map(single, placed)
-        results = batch(orders, *(change(order_id, PROCESSED) for order_id in placed))
+        results = batch(settlements, *(change(order_id, PROCESSED) for order_id in placed))
         list(singles)
 
     for order_id, result in zip(placed, results, strict=True):
@@ -122,14 +131,16 @@ def test_a_batch_and_single_updates_racing_leave_one_winner_per_order(
 
 
 def test_an_empty_or_oversized_batch_is_invalid_argument(
-    orders: orders_pb2_grpc.OrderServiceStub, user: users_pb2.User
+    orders: orders_pb2_grpc.OrderServiceStub,
+    user: users_pb2.User,
+    settlements: orders_pb2_grpc.OrderServiceStub,
 ) -> None:
     order_id = place(orders, user.id, usd(5)).id
     for size in (0, 1001):
         request = orders_pb2.BatchUpdateOrderStatusRequest(
             requests=[change(str(uuid.uuid4()), PROCESSED) for _ in range(size)]
         )
-        failure = call_fails(orders.BatchUpdateOrderStatus, request)
+        failure = call_fails(settlements.BatchUpdateOrderStatus, request)
         assert failure.code is grpc.StatusCode.INVALID_ARGUMENT
         assert list(failure.field_violations) == ["requests"]
     assert orders.GetOrder(orders_pb2.GetOrderRequest(id=order_id)).status == CREATED

@@ -11,6 +11,7 @@ from ecommerce.v1 import users_pb2, users_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chaos.processes import free_port
+from servicekit.local_credentials import admin_channel
 from servicekit.server import start_service
 from tests.conftest import service_settings, unique_email
 from tests.rpc_errors import call_fails
@@ -21,7 +22,7 @@ from user_service.service import DEFINITION as USER_SERVICE
 def channel_without_database() -> Iterator[grpc.Channel]:
     url = f"postgresql+psycopg2://ecommerce@127.0.0.1:{free_port()}/ecommerce"
     running = start_service(USER_SERVICE, service_settings("user_service", DATABASE_URL=url))
-    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+    with admin_channel(f"127.0.0.1:{running.port}") as channel:
         yield channel
     running.stop(grace_seconds=1)
 

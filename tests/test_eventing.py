@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
-import grpc
 import pytest
 from confluent_kafka import Producer
 from ecommerce.events.v1 import events_pb2
@@ -23,9 +22,10 @@ from chaos.processes import ServiceProcess, free_port, wait_until
 from chaos.topics import Record, read_topic
 from servicekit.healthcheck import is_serving
 from servicekit.kafka import Headers, cloudevent_headers
+from servicekit.local_credentials import admin_channel, tls_of
 from servicekit.money import money_to_decimal
 from servicekit.server import RunningService
-from tests.conftest import KAFKA, RUN_ID, TEST_ENV, RelayHandle, new_relay, unique_email
+from tests.conftest import KAFKA, PROCESSOR_GROUP, TEST_ENV, RelayHandle, new_relay, unique_email
 
 ORDER_CREATED = "ecommerce.events.v1.OrderCreated"
 STATUS_CHANGED = "ecommerce.events.v1.OrderStatusChanged"
@@ -35,7 +35,7 @@ def processor_env(order_server: RunningService) -> dict[str, str]:
     return {
         **TEST_ENV,
         "ORDER_SERVICE_ADDRESS": f"127.0.0.1:{order_server.port}",
-        "PROCESSOR_GROUP_ID": f"test-{RUN_ID}-order-processor",
+        "PROCESSOR_GROUP_ID": PROCESSOR_GROUP,
         "CALLBACK_RETRY_SECONDS": "1",
     }
 
@@ -77,7 +77,7 @@ def transitions(engine: Engine, order_ids: list[str]) -> Counter[str]:
 
 
 def orders_topic() -> list[Record]:
-    return read_topic(KAFKA.bootstrap_servers, KAFKA.orders_topic)
+    return read_topic(KAFKA, KAFKA.orders_topic)
 
 
 def status_changed_events(records: list[Record]) -> dict[str, set[str]]:
@@ -155,7 +155,7 @@ def test_events_decode_with_generated_classes_and_carry_cloudevents_headers(
     def published(topic: str, event_type: str) -> list[Record]:
         return [
             record
-            for record in read_topic(KAFKA.bootstrap_servers, topic)
+            for record in read_topic(KAFKA, topic)
             if record.key == user.id.encode() and record.header("ce_type") == event_type
         ]
 
@@ -200,7 +200,7 @@ def place_orders(
 
 
 def produce(topic: str, key: str, value: bytes, headers: Headers | None = None) -> None:
-    producer = Producer({"bootstrap.servers": KAFKA.bootstrap_servers, "acks": "all"})
+    producer = Producer(KAFKA.client_config(acks="all"))
     producer.produce(topic, key=key.encode(), value=value, headers=headers or [])
     assert producer.flush(10) == 0
 
@@ -282,7 +282,7 @@ def test_poison_goes_to_the_dlq_and_the_partition_moves_on_then_replays(
     def dead_letters() -> dict[str, Record]:
         return {
             record.header("x-test-case") or "": record
-            for record in read_topic(KAFKA.bootstrap_servers, KAFKA.orders_dlq_topic)
+            for record in read_topic(KAFKA, KAFKA.orders_dlq_topic)
             if record.key == user.id.encode()
         }
 
@@ -306,7 +306,7 @@ def test_poison_goes_to_the_dlq_and_the_partition_moves_on_then_replays(
             {"id": missing_order.id, "user_id": user.id},
         )
     # The DLQ is the run's: earlier tests may have dead-lettered messages of their own.
-    in_dlq = len(read_topic(KAFKA.bootstrap_servers, KAFKA.orders_dlq_topic))
+    in_dlq = len(read_topic(KAFKA, KAFKA.orders_dlq_topic))
     replayed = processor_command("processor.dlq_replay")
     assert replayed.returncode == 0, replayed.stderr
     assert f"replayed {in_dlq} message(s)" in replayed.stdout
@@ -318,7 +318,7 @@ def test_poison_goes_to_the_dlq_and_the_partition_moves_on_then_replays(
 def processor_command(module: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", module],
-        env={**os.environ, **TEST_ENV, "PROCESSOR_GROUP_ID": f"test-{RUN_ID}-order-processor"},
+        env={**os.environ, **TEST_ENV, "PROCESSOR_GROUP_ID": PROCESSOR_GROUP},
         capture_output=True,
         text=True,
         timeout=120,
@@ -361,7 +361,7 @@ def test_events_of_a_killed_service_are_published_after_it(
         "order_service", "ORDER_SERVICE_PORT", {**TEST_ENV, "OUTBOX_RELAY_ENABLED": "true"}
     )
     try:
-        with grpc.insecure_channel(service.address) as channel:
+        with admin_channel(service.address) as channel:
             placed = place_orders(orders_pb2_grpc.OrderServiceStub(channel), user.id, "EUR", 40)
         service.process.kill()  # SIGKILL: no drain, no flush, whatever was in flight
         service.process.wait(10)
@@ -387,7 +387,7 @@ def test_a_second_processor_shares_the_work_and_leaves_cleanly_on_sigterm(
 ) -> None:
     second = ServiceProcess("processor", "PROCESSOR_HEALTH_PORT", processor_env(order_server))
     try:
-        assert is_serving(second.address, "ecommerce.processor")
+        assert is_serving(second.address, tls_of("client"), "ecommerce.processor")
         # Orders keep coming while the group rebalances onto two members and back to one.
         placed = place_orders(orders, user.id, "USD", 100)
         second.terminate()

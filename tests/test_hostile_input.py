@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, text
 
+from servicekit.local_credentials import admin_channel
 from servicekit.server import RunningService
 from tests.conftest import RelayHandle
 from tests.rpc_errors import RpcFailure, call_fails, failure_of
@@ -209,6 +210,7 @@ def test_update_order_status(
     reason: str,
     unknown_order: bool,
     order_id: str,
+    settlements: orders_pb2_grpc.OrderServiceStub,
 ) -> None:
     # A fresh order each time, so that allowed transitions are tried, not only terminal ones.
     target = orders.CreateOrder(
@@ -219,7 +221,7 @@ def test_update_order_status(
         status=status,  # type: ignore[arg-type]  # unknown enum numbers on purpose
         reason=reason,
     )
-    failure = assert_proper_failure_or_success(orders.UpdateOrderStatus, request, engine)
+    failure = assert_proper_failure_or_success(settlements.UpdateOrderStatus, request, engine)
     if failure is not None:
         assert orders.GetOrder(orders_pb2.GetOrderRequest(id=target.id)) == target
 
@@ -259,6 +261,7 @@ def test_batch_update_order_status(
     engine: Engine,
     items: list[orders_pb2.UpdateOrderStatusRequest],
     fresh: int,
+    settlements: orders_pb2_grpc.OrderServiceStub,
 ) -> None:
     created = [
         orders.CreateOrder(
@@ -275,9 +278,9 @@ def test_batch_update_order_status(
     ]
     request = orders_pb2.BatchUpdateOrderStatusRequest(requests=changes)
     try:
-        response = orders.BatchUpdateOrderStatus(request, timeout=10)
+        response = settlements.BatchUpdateOrderStatus(request, timeout=10)
     except grpc.RpcError:
-        failure = call_fails(orders.BatchUpdateOrderStatus, request)
+        failure = call_fails(settlements.BatchUpdateOrderStatus, request)
         assert failure.code is grpc.StatusCode.INVALID_ARGUMENT and not changes, failure
         return
     assert len(response.results) == len(changes)
@@ -290,7 +293,7 @@ def test_servers_are_still_healthy(
     user_server: RunningService, order_server: RunningService
 ) -> None:
     for server in (user_server, order_server):
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        with admin_channel(f"127.0.0.1:{server.port}") as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=5
             )

@@ -52,6 +52,7 @@ def test_names_and_reasons_with_hidden_characters_are_invalid_argument(
     orders: orders_pb2_grpc.OrderServiceStub,
     user: users_pb2.User,
     hidden: str,
+    settlements: orders_pb2_grpc.OrderServiceStub,
 ) -> None:
     request = users_pb2.CreateUserRequest(email=unique_email(), name=f"Ada{hidden}Lovelace")
     failure = call_fails(users.CreateUser, request)
@@ -63,7 +64,7 @@ def test_names_and_reasons_with_hidden_characters_are_invalid_argument(
     change = orders_pb2.UpdateOrderStatusRequest(
         id=order.id, status=PROCESSED, reason=f"paid{hidden}ok"
     )
-    failure = call_fails(orders.UpdateOrderStatus, change)
+    failure = call_fails(settlements.UpdateOrderStatus, change)
     assert list(failure.field_violations) == ["reason"]
     assert orders.GetOrder(orders_pb2.GetOrderRequest(id=order.id)).status == CREATED
 

@@ -215,20 +215,23 @@ def test_list_orders_rejects_bad_page_size_and_user_id(
 
 @pytest.mark.parametrize("outcome", [PROCESSED, FAILED])
 def test_created_order_moves_to_a_terminal_status_once(
-    orders: orders_pb2_grpc.OrderServiceStub, user: users_pb2.User, outcome: OrderStatus
+    orders: orders_pb2_grpc.OrderServiceStub,
+    user: users_pb2.User,
+    outcome: OrderStatus,
+    settlements: orders_pb2_grpc.OrderServiceStub,
 ) -> None:
     order = place(orders, user.id, usd(7))
     request = orders_pb2.UpdateOrderStatusRequest(id=order.id, status=outcome, reason="checked")
 
-    updated = orders.UpdateOrderStatus(request)
+    updated = settlements.UpdateOrderStatus(request)
     assert updated.status == outcome
     assert updated.status_reason == "checked"
     assert updated.update_time.ToDatetime() >= order.update_time.ToDatetime()
 
     # Setting the status it already has is a no-op that returns the order unchanged.
-    assert orders.UpdateOrderStatus(request) == updated
+    assert settlements.UpdateOrderStatus(request) == updated
     retried = orders_pb2.UpdateOrderStatusRequest(id=order.id, status=outcome, reason="again")
-    assert orders.UpdateOrderStatus(retried) == updated
+    assert settlements.UpdateOrderStatus(retried) == updated
 
 
 @pytest.mark.parametrize(
@@ -239,12 +242,15 @@ def test_transition_out_of_a_terminal_status_is_failed_precondition(
     user: users_pb2.User,
     first: OrderStatus,
     then: OrderStatus,
+    settlements: orders_pb2_grpc.OrderServiceStub,
 ) -> None:
     order = place(orders, user.id, usd(7))
-    done = orders.UpdateOrderStatus(orders_pb2.UpdateOrderStatusRequest(id=order.id, status=first))
+    done = settlements.UpdateOrderStatus(
+        orders_pb2.UpdateOrderStatusRequest(id=order.id, status=first)
+    )
 
     failure = call_fails(
-        orders.UpdateOrderStatus, orders_pb2.UpdateOrderStatusRequest(id=order.id, status=then)
+        settlements.UpdateOrderStatus, orders_pb2.UpdateOrderStatusRequest(id=order.id, status=then)
     )
 
     assert failure.code is grpc.StatusCode.FAILED_PRECONDITION
@@ -253,13 +259,15 @@ def test_transition_out_of_a_terminal_status_is_failed_precondition(
 
 
 def test_concurrent_updates_leave_exactly_one_winner(
-    orders: orders_pb2_grpc.OrderServiceStub, user: users_pb2.User
+    orders: orders_pb2_grpc.OrderServiceStub,
+    user: users_pb2.User,
+    settlements: orders_pb2_grpc.OrderServiceStub,
 ) -> None:
     order = place(orders, user.id, usd(7))
 
     def attempt(status: OrderStatus) -> grpc.StatusCode:
         try:
-            orders.UpdateOrderStatus(
+            settlements.UpdateOrderStatus(
                 orders_pb2.UpdateOrderStatusRequest(id=order.id, status=status)
             )
             return grpc.StatusCode.OK
@@ -289,10 +297,11 @@ def test_bad_update_is_invalid_argument(
     status: OrderStatus,
     reason: str,
     field: str,
+    settlements: orders_pb2_grpc.OrderServiceStub,
 ) -> None:
     order = place(orders, user.id, usd(7))
     failure = call_fails(
-        orders.UpdateOrderStatus,
+        settlements.UpdateOrderStatus,
         orders_pb2.UpdateOrderStatusRequest(id=order.id, status=status, reason=reason),
     )
     assert failure.code is grpc.StatusCode.INVALID_ARGUMENT
@@ -300,9 +309,11 @@ def test_bad_update_is_invalid_argument(
     assert orders.GetOrder(orders_pb2.GetOrderRequest(id=order.id)).status == CREATED
 
 
-def test_update_of_unknown_order_is_not_found(orders: orders_pb2_grpc.OrderServiceStub) -> None:
+def test_update_of_unknown_order_is_not_found(
+    orders: orders_pb2_grpc.OrderServiceStub, settlements: orders_pb2_grpc.OrderServiceStub
+) -> None:
     failure = call_fails(
-        orders.UpdateOrderStatus,
+        settlements.UpdateOrderStatus,
         orders_pb2.UpdateOrderStatusRequest(id=str(uuid.uuid4()), status=PROCESSED),
     )
     assert failure.code is grpc.StatusCode.NOT_FOUND
@@ -310,11 +321,14 @@ def test_update_of_unknown_order_is_not_found(orders: orders_pb2_grpc.OrderServi
 
 @pytest.mark.parametrize("reason", ["nul \x00 inside", "\x00"])
 def test_reason_with_nul_is_invalid_argument_not_a_database_error(
-    orders: orders_pb2_grpc.OrderServiceStub, user: users_pb2.User, reason: str
+    orders: orders_pb2_grpc.OrderServiceStub,
+    user: users_pb2.User,
+    reason: str,
+    settlements: orders_pb2_grpc.OrderServiceStub,
 ) -> None:
     order = place(orders, user.id, usd(7))
     failure = call_fails(
-        orders.UpdateOrderStatus,
+        settlements.UpdateOrderStatus,
         orders_pb2.UpdateOrderStatusRequest(id=order.id, status=PROCESSED, reason=reason),
     )
     assert failure.code is grpc.StatusCode.INVALID_ARGUMENT

@@ -19,6 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import Engine, text
 
 from chaos.processes import REPO, ServiceProcess, wait_until
+from servicekit import local_credentials as credentials
+from servicekit.local_credentials import admin_channel
 from tests.conftest import TEST_ENV, unique_email
 
 
@@ -29,9 +31,19 @@ def grpcurl_binary() -> str:
 
 
 def grpcurl(
-    address: str, *args: str, data: dict[str, object] | None = None
+    address: str,
+    *args: str,
+    data: dict[str, object] | None = None,
+    identity: str = "client",
+    bearer: str | None = "admin",
 ) -> subprocess.CompletedProcess[str]:
-    command = [grpcurl_binary(), "-plaintext", "-max-time", "10"]
+    """grpcurl as the README runs it: over mutual TLS with `identity`'s certificate and, unless
+    `bearer` is None, a token with that scope."""
+    tls = credentials.tls_of(identity)
+    command = [grpcurl_binary(), "-cacert", tls.ca_file, "-cert", tls.cert_file]
+    command += ["-key", tls.key_file, "-max-time", "10"]
+    if bearer is not None:
+        command += ["-H", f"authorization: Bearer {credentials.token(scopes=[bearer])}"]
     if data is not None:
         command += ["-d", json.dumps(data)]
     return subprocess.run(
@@ -100,12 +112,20 @@ def test_grpcurl_drives_every_rpc(
     assert call(order_process, "ecommerce.v1.OrderService/GetOrder", {"id": order["id"]}) == order
     listed = call(order_process, "ecommerce.v1.OrderService/ListOrders", {"user_id": user["id"]})
     assert listed["orders"] == [order]
-    updated = call(
-        order_process,
-        "ecommerce.v1.OrderService/UpdateOrderStatus",
-        {"id": order["id"], "status": "ORDER_STATUS_PROCESSED", "reason": "paid"},
+    settle = {"id": order["id"], "status": "ORDER_STATUS_PROCESSED", "reason": "paid"}
+    refused = grpcurl(
+        order_process.address, "ecommerce.v1.OrderService/UpdateOrderStatus", data=settle
     )
-    assert updated["status"] == "ORDER_STATUS_PROCESSED"
+    assert "Code: PermissionDenied" in refused.stderr  # an admin's token is not the processor
+    updated = grpcurl(
+        order_process.address,
+        "ecommerce.v1.OrderService/UpdateOrderStatus",
+        data=settle,
+        identity="processor",
+        bearer=None,
+    )
+    assert updated.returncode == 0, updated.stderr
+    assert json.loads(updated.stdout)["status"] == "ORDER_STATUS_PROCESSED"
 
     missing = grpcurl(
         order_process.address, "ecommerce.v1.OrderService/GetOrder", data={"id": str(uuid.uuid4())}
@@ -143,8 +163,12 @@ def test_access_log_has_method_code_duration_and_no_email(user_process: ServiceP
 def test_sigterm_lets_in_flight_rpcs_finish_then_exits_zero(
     order_process: ServiceProcess, user: users_pb2.User, engine: Engine
 ) -> None:
-    with grpc.insecure_channel(order_process.address) as channel:
+    with (
+        admin_channel(order_process.address) as channel,
+        credentials.channel(order_process.address, "processor") as processor_channel,
+    ):
         orders = orders_pb2_grpc.OrderServiceStub(channel)
+        settlements = orders_pb2_grpc.OrderServiceStub(processor_channel)
         order = orders.CreateOrder(
             orders_pb2.CreateOrderRequest(
                 user_id=user.id, amount=money_pb2.Money(currency_code="USD", units=1)
@@ -157,7 +181,7 @@ def test_sigterm_lets_in_flight_rpcs_finish_then_exits_zero(
                 text("SELECT 1 FROM orders WHERE id = :id FOR UPDATE"), {"id": order.id}
             )
             in_flight = pool.submit(
-                orders.UpdateOrderStatus,
+                settlements.UpdateOrderStatus,
                 orders_pb2.UpdateOrderStatusRequest(
                     id=order.id, status=orders_pb2.ORDER_STATUS_PROCESSED
                 ),

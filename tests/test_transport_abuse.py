@@ -17,7 +17,9 @@ from sqlalchemy import Connection, Engine, text
 
 from chaos.processes import wait_until
 from order_service.service import DEFINITION as ORDER_SERVICE
+from servicekit import local_credentials as credentials
 from servicekit.healthcheck import is_serving
+from servicekit.local_credentials import admin_channel, tls_of
 from servicekit.server import RunningService, start_service
 from tests.conftest import service_settings
 
@@ -30,7 +32,7 @@ def test_request_over_the_size_limit_is_resource_exhausted(
             users_pb2.CreateUserRequest(email="big@example.com", name="x" * 2_000_000), timeout=10
         )
     assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert is_serving(f"127.0.0.1:{user_server.port}")
+    assert is_serving(f"127.0.0.1:{user_server.port}", tls_of("client"))
 
 
 @pytest.mark.parametrize(
@@ -48,13 +50,13 @@ def test_garbage_bytes_on_the_port_leave_the_server_healthy(
     for _ in range(20):
         with socket.create_connection(("127.0.0.1", order_server.port), timeout=5) as raw:
             raw.sendall(garbage)
-    assert is_serving(f"127.0.0.1:{order_server.port}")
+    assert is_serving(f"127.0.0.1:{order_server.port}", tls_of("client"))
 
 
 def test_many_concurrent_connections_are_all_served(
     user_server: RunningService, user: users_pb2.User
 ) -> None:
-    channels = [grpc.insecure_channel(f"127.0.0.1:{user_server.port}") for _ in range(200)]
+    channels = [admin_channel(f"127.0.0.1:{user_server.port}") for _ in range(200)]
     try:
         stubs = [users_pb2_grpc.UserServiceStub(channel) for channel in channels]
         with ThreadPoolExecutor(max_workers=64) as pool:
@@ -68,7 +70,7 @@ def test_many_concurrent_connections_are_all_served(
         for channel in channels:
             channel.close()
     assert all(reply == user for reply in replies)
-    assert is_serving(f"127.0.0.1:{user_server.port}")
+    assert is_serving(f"127.0.0.1:{user_server.port}", tls_of("client"))
 
 
 @pytest.fixture
@@ -100,11 +102,12 @@ def test_an_expired_deadline_ends_the_statement_it_bounded(
     orders: orders_pb2_grpc.OrderServiceStub,
     locked_order: tuple[orders_pb2.Order, Connection],
     engine: Engine,
+    settlements: orders_pb2_grpc.OrderServiceStub,
 ) -> None:
     order, _blocker = locked_order
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as expired:
-        orders.UpdateOrderStatus(
+        settlements.UpdateOrderStatus(
             orders_pb2.UpdateOrderStatusRequest(id=order.id, status=orders_pb2.ORDER_STATUS_FAILED),
             timeout=0.5,
         )
@@ -122,9 +125,10 @@ def test_a_cancelled_call_has_its_statement_cancelled(
     orders: orders_pb2_grpc.OrderServiceStub,
     locked_order: tuple[orders_pb2.Order, Connection],
     engine: Engine,
+    settlements: orders_pb2_grpc.OrderServiceStub,
 ) -> None:
     order, _blocker = locked_order
-    call = orders.UpdateOrderStatus.future(
+    call = settlements.UpdateOrderStatus.future(
         orders_pb2.UpdateOrderStatusRequest(id=order.id, status=orders_pb2.ORDER_STATUS_FAILED)
     )  # no deadline: only the cancellation can end the server's wait
     assert wait_until(lambda: statements_waiting_on_locks(engine) == 1, timeout=5)
@@ -148,7 +152,9 @@ def test_calls_past_the_concurrency_limit_are_refused_at_once(
         ORDER_SERVICE, service_settings("order_service", GRPC_MAX_CONCURRENT_RPCS="2")
     )
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        # The processor's certificate (to settle) with an admin's token (to read).
+        address = f"127.0.0.1:{running.port}"
+        with credentials.channel(address, "processor", bearer=credentials.token()) as channel:
             stub = orders_pb2_grpc.OrderServiceStub(channel)
             change = orders_pb2.UpdateOrderStatusRequest(
                 id=order.id, status=orders_pb2.ORDER_STATUS_FAILED

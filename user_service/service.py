@@ -11,6 +11,7 @@ from ecommerce.events.v1 import events_pb2
 from ecommerce.v1 import users_pb2, users_pb2_grpc
 from psycopg2 import IntegrityError
 
+from servicekit.access import AccessTable, Admin, ForUser
 from servicekit.call_scope import annotate_log
 from servicekit.db import violated_constraint
 from servicekit.errors import AlreadyExists, NotFound
@@ -106,9 +107,17 @@ class UserServicer(users_pb2_grpc.UserServiceServicer):
         )
 
 
+# Who may call what: accounts are made and listed by admins; a user reads its own.
+ACCESS: AccessTable = {
+    "CreateUser": Admin(),
+    "GetUser": ForUser("id"),
+    "ListUsers": Admin(),
+}
+
 DEFINITION = ServiceDefinition(
     full_name=users_pb2.DESCRIPTOR.services_by_name["UserService"].full_name,
     register=lambda server, resources: users_pb2_grpc.add_UserServiceServicer_to_server(
         UserServicer(resources), server
     ),
+    access=ACCESS,
 )

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# `make certs`: a local certificate authority and, signed by it, one certificate per identity.
+# Each identity's certificate names it twice: a SAN URI spiffe://ecommerce.local/<identity> (what
+# the gRPC services authorize) and CN=<identity> (the principal Kafka's ACLs name). The SANs also
+# cover the host names clients dial (localhost, 127.0.0.1, the compose service name), so one
+# certificate serves both ends of mutual TLS. Also the Ed25519 key pair that signs and checks
+# bearer tokens (`make token`).
+#
+# Idempotent: files that exist are kept; CERTS_DIR (default .local/certs) is where they go.
+# `bash scripts/certs.sh renew` replaces them all. Keys are readable by their owner only.
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+dir=${CERTS_DIR:-$repo/.local/certs}
+days=${CERT_DAYS:-825}
+trust_domain=ecommerce.local
+# The services, the processor, the dead-letter replay tool, the Kafka brokers, an operator
+# (Kafka super user: topics and ACLs) and a client for people (grpcurl, scripts).
+identities=(user_service order_service processor dlq_replay kafka admin client)
+
+if [ "${1:-}" = "renew" ]; then
+  rm -rf "$dir"
+fi
+mkdir -p "$dir"
+chmod 700 "$dir"
+umask 077
+
+if [ ! -s "$dir/ca.crt" ]; then
+  openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$dir/ca.key"
+  openssl req -x509 -new -key "$dir/ca.key" -sha256 -days "$days" \
+    -subj "/O=ecommerce/CN=ecommerce local CA" \
+    -addext "basicConstraints=critical,CA:TRUE,pathlen:0" \
+    -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    -out "$dir/ca.crt"
+fi
+
+issue() { # identity
+  local name=$1 host=${1//_/-} alias=""
+  [ "$host" != "$name" ] && alias=",DNS:$host"
+  [ -s "$dir/$name.crt" ] && return
+  openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$dir/$name.key"
+  openssl req -new -key "$dir/$name.key" -subj "/O=ecommerce/CN=$name" -out "$dir/$name.csr"
+  cat >"$dir/$name.ext" <<EXT
+basicConstraints=critical,CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=serverAuth,clientAuth
+subjectAltName=URI:spiffe://$trust_domain/$name,DNS:$name${alias},DNS:localhost,IP:127.0.0.1,IP:::1
+EXT
+  openssl x509 -req -in "$dir/$name.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial \
+    -sha256 -days "$days" -extfile "$dir/$name.ext" -out "$dir/$name.crt" 2>/dev/null
+  rm -f "$dir/$name.csr" "$dir/$name.ext"
+  # Kafka reads a PEM key store: the private key (PKCS#8) followed by its certificate.
+  cat "$dir/$name.key" "$dir/$name.crt" >"$dir/$name.pem"
+}
+
+for identity in "${identities[@]}"; do
+  issue "$identity"
+done
+
+if [ ! -s "$dir/token-signing.key" ]; then
+  openssl genpkey -algorithm ED25519 -out "$dir/token-signing.key"
+  openssl pkey -in "$dir/token-signing.key" -pubout -out "$dir/token-signing.pub"
+fi
+# Certificates and public keys are not secret; the containers' non-root user reads them.
+chmod 644 "$dir"/*.crt "$dir/token-signing.pub"
+echo "certs.sh: CA, ${identities[*]} and the token signing key in $dir" >&2
