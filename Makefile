@@ -9,7 +9,8 @@ PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 # Where googleapis-common-protos keeps google/type/money.proto and friends.
 GOOGLEAPIS  = $(shell $(PY) -c 'import google.type, os; print(os.path.dirname(os.path.dirname(list(google.type.__path__)[0])))')
 
-export DATABASE_URL ?= postgresql+psycopg2://ecommerce@127.0.0.1:55432/ecommerce
+# The owner role's URL, for the migrations; each service logs in as its own role (README).
+MIGRATION_DATABASE_URL ?= postgresql+psycopg2://ecommerce@127.0.0.1:55432/ecommerce
 export TEST_DATABASE_URL ?= postgresql+psycopg2://ecommerce@127.0.0.1:55432/ecommerce_test
 # KAFKA_BROKERS=3: a three-node KRaft cluster, topics with replication factor 3, min.insync 2.
 CLUSTER_BOOTSTRAP := 127.0.0.1:59092,127.0.0.1:59102,127.0.0.1:59112
@@ -79,8 +80,8 @@ infra-down: ## Stop what infra-up started
 	bash scripts/kafka.sh down
 	bash scripts/postgres.sh down
 
-migrate: venv infra-up ## Apply the Alembic migrations to DATABASE_URL
-	$(VENV)/bin/alembic upgrade head
+migrate: venv infra-up ## Apply the Alembic migrations, as the owner role
+	DATABASE_URL=$(MIGRATION_DATABASE_URL) $(VENV)/bin/alembic upgrade head
 
 run: venv tools migrate ## Start the services and the processor in the foreground; Ctrl-C stops them
 	bash scripts/run_local.sh

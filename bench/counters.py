@@ -18,6 +18,8 @@ from confluent_kafka import Consumer, TopicPartition
 from sqlalchemy import make_url
 
 from chaos.processes import REPO
+from servicekit.db import libpq_dsn
+from servicekit.settings import with_password
 
 # Where chaos.stack.Stack has each part's stderr (its JSON log lines) written.
 STACK_LOG_DIR = REPO / ".local" / "chaos"
@@ -34,8 +36,10 @@ _NOTIFY = re.compile(r"\bnotify\b|\bpg_notify\b", re.IGNORECASE)
 
 def connect(database_url: str, dbname: str | None = None) -> psycopg2.extensions.connection:
     """An autocommit psycopg2 connection from a SQLAlchemy URL (to another database if given)."""
-    args = make_url(database_url).translate_connect_args(username="user", database="dbname")
-    connection = psycopg2.connect(**{**args, **({"dbname": dbname} if dbname else {})})
+    url = make_url(with_password(database_url))
+    if dbname:
+        url = url.set(database=dbname)
+    connection = psycopg2.connect(libpq_dsn(url.render_as_string(hide_password=False)))
     connection.autocommit = True
     return connection
 

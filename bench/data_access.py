@@ -18,6 +18,7 @@ from sqlalchemy.orm import sessionmaker
 from order_service.service import SELECT_ORDER
 from servicekit.models import OrderRecord
 from servicekit.schema import migrate
+from servicekit.settings import with_password
 from servicekit.sql import Database
 
 DATABASE_URL = "postgresql+psycopg2://ecommerce@127.0.0.1:55432/ecommerce_bench"
@@ -51,7 +52,7 @@ def some_order(engine: Engine) -> uuid.UUID:
 
 def data_access_rows(database_url: str = DATABASE_URL, reads: int = 2000) -> list[str]:
     migrate(database_url)
-    engine = create_engine(database_url, pool_size=2)
+    engine = create_engine(with_password(database_url), pool_size=2)
     order_id = some_order(engine)
     sessions = sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"))
     core_engine = engine.execution_options(isolation_level="AUTOCOMMIT")

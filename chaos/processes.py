@@ -14,6 +14,8 @@ from collections import deque
 from pathlib import Path
 from typing import IO
 
+from servicekit.local_credentials import DATABASE_ROLES, role_url
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -34,6 +36,9 @@ class ServiceProcess:
         self.log_lines: deque[dict[str, object]] = deque(maxlen=10_000)
         self._serving = threading.Event()
         self.port = 0
+        if module in DATABASE_ROLES and "DATABASE_URL" in env:
+            # The same database, as the service's own role, as it is deployed.
+            env = {**env, "DATABASE_URL": role_url(env["DATABASE_URL"], module)}
         self.process = subprocess.Popen(
             [sys.executable, "-m", module],
             cwd=REPO,

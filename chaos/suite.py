@@ -24,6 +24,7 @@ from chaos.stack import CHAOS_DATABASE_URL, Stack, infra
 from chaos.topics import read_topic
 from servicekit.healthcheck import is_serving
 from servicekit.local_credentials import admin_channel, tls_of
+from servicekit.settings import with_password
 
 STATUS_CHANGED = events_pb2.OrderStatusChanged.DESCRIPTOR.full_name
 
@@ -234,7 +235,7 @@ def run_suite(
 ) -> list[FaultOutcome]:
     stack = Stack()
     stack.prepare()
-    engine = create_engine(CHAOS_DATABASE_URL, pool_pre_ping=True)
+    engine = create_engine(with_password(CHAOS_DATABASE_URL), pool_pre_ping=True)
     outcomes = []
     try:
         stack.start_all()

@@ -1,4 +1,5 @@
-"""Alembic environment: migrates the database named by DATABASE_URL."""
+"""Alembic environment: migrates the database named by DATABASE_URL, as its owner role (password
+from DATABASE_PASSWORD_FILE, or the local secrets `make certs` made)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from sqlalchemy import create_engine
 
 import servicekit.models  # noqa: F401 (registers every table on Base.metadata)
 from servicekit.db import Base
-from servicekit.settings import DEFAULT_DATABASE_URL
+from servicekit.settings import DEFAULT_DATABASE_URL, with_password
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logging", True):
@@ -21,7 +22,7 @@ def run_migrations() -> None:
     url = config.attributes.get("database_url") or os.environ.get(
         "DATABASE_URL", DEFAULT_DATABASE_URL
     )
-    engine = create_engine(url)
+    engine = create_engine(with_password(url))
     with engine.connect() as connection:
         context.configure(connection=connection, target_metadata=Base.metadata, compare_type=True)
         with context.begin_transaction():

@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# `make certs`: a local certificate authority and, signed by it, one certificate per identity.
+# `make certs`: a local certificate authority and, signed by it, one certificate per identity;
+# the key pair of bearer tokens; the database roles' passwords.
 # Each identity's certificate names it twice: a SAN URI spiffe://ecommerce.local/<identity> (what
 # the gRPC services authorize) and CN=<identity> (the principal Kafka's ACLs name). The SANs also
 # cover the host names clients dial (localhost, 127.0.0.1, the compose service name), so one
 # certificate serves both ends of mutual TLS. Also the Ed25519 key pair that signs and checks
 # bearer tokens (`make token`).
 #
-# Idempotent: files that exist are kept; CERTS_DIR (default .local/certs) is where they go.
-# `bash scripts/certs.sh renew` replaces them all. Keys are readable by their owner only.
+# Idempotent: files that exist are kept. Certificates and keys go to CERTS_DIR (default
+# .local/certs), passwords to SECRETS_DIR (default .local/secrets): postgres-<role>.password for
+# the owner role `ecommerce` and the services' roles. `bash scripts/certs.sh renew` replaces the
+# certificates and keys (not the passwords). Keys and passwords are readable by their owner only.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 dir=${CERTS_DIR:-$repo/.local/certs}
+secrets=${SECRETS_DIR:-$repo/.local/secrets}
 days=${CERT_DAYS:-825}
 trust_domain=ecommerce.local
 # The services, the processor, the dead-letter replay tool, the Kafka brokers, an operator
@@ -61,6 +65,12 @@ if [ ! -s "$dir/token-signing.key" ]; then
   openssl genpkey -algorithm ED25519 -out "$dir/token-signing.key"
   openssl pkey -in "$dir/token-signing.key" -pubout -out "$dir/token-signing.pub"
 fi
+mkdir -p "$secrets"
+chmod 700 "$secrets"
+for role in ecommerce user_service order_service; do
+  [ -s "$secrets/postgres-$role.password" ] && continue
+  openssl rand -hex 24 | tr -d '\n' >"$secrets/postgres-$role.password"
+done
 # Certificates and public keys are not secret; the containers' non-root user reads them.
 chmod 644 "$dir"/*.crt "$dir/token-signing.pub"
-echo "certs.sh: CA, ${identities[*]} and the token signing key in $dir" >&2
+echo "certs.sh: CA, ${identities[*]} and the token signing key in $dir; passwords in $secrets" >&2

@@ -2,6 +2,10 @@
 # Local PostgreSQL for development and tests: `up` installs it (Debian package) if missing, creates a
 # cluster in a git-ignored folder, starts it on loopback and waits until it answers; `down` stops the
 # server this script started (by its PID file) and nothing else. Both are idempotent.
+# Password authentication only (scram-sha-256) over TCP; the `postgres` superuser only through the
+# cluster's private socket, as the OS user postgres (peer). The roles — `ecommerce` owns the
+# databases and runs the migrations, `user_service` and `order_service` get what migration 0004
+# grants — take their passwords from SECRETS_DIR (`make certs` writes them).
 # The server loads pg_stat_statements (tracking statements inside triggers too), for `make bench`'s
 # statement counts; the extension's view lives in database `postgres`, which no test drops.
 set -euo pipefail
@@ -9,6 +13,8 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 port=${PGPORT:-55432}
 db_user=${PGUSER_APP:-ecommerce}
+service_roles=(user_service order_service)
+secrets=${SECRETS_DIR:-$repo/.local/secrets}
 databases=(ecommerce ecommerce_test ecommerce_chaos ecommerce_bench ecommerce_pgbench)
 
 # PostgreSQL refuses to run as root, so the cluster belongs to the `postgres` user. It lives in the
@@ -49,9 +55,10 @@ up() {
     mkdir -p "$data"
     chown postgres:postgres "$data"
     chmod 700 "$data"
-    # trust on loopback only: a development cluster, bound to 127.0.0.1 and a private socket dir.
-    as_postgres "$bin/initdb" -D "$data" -U postgres --auth=trust --encoding=UTF8 --locale=C.UTF-8 >/dev/null
+    as_postgres "$bin/initdb" -D "$data" -U postgres --auth-local=peer --auth-host=scram-sha-256 \
+      --encoding=UTF8 --locale=C.UTF-8 >/dev/null
   fi
+  write_hba "$data"
   local options="-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories='$data'"
   options+=" -c max_connections=200 -c shared_preload_libraries=pg_stat_statements"
   options+=" -c pg_stat_statements.track=all"
@@ -74,6 +81,7 @@ up() {
   fi
   if [ -s "$data/postmaster.pid" ]; then
     ln -sfn "$data/postmaster.pid" "$repo/.local/postgres.pid"
+    as_postgres "$bin/pg_ctl" -D "$data" reload >/dev/null  # pg_hba.conf as written above
   fi
   create_role_and_databases
   if [ -z "$(psql_admin -d postgres -c "SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements'")" ]; then
@@ -85,12 +93,42 @@ loads_pg_stat_statements() {
   psql_admin -d postgres -c "SHOW shared_preload_libraries" | grep -qw pg_stat_statements
 }
 
-psql_admin() { as_postgres psql -h 127.0.0.1 -p "$port" -U postgres -v ON_ERROR_STOP=1 -qtA "$@"; }
+# No trust anywhere: a clusters made before this rule had it, so the file is rewritten each time.
+write_hba() { # data dir
+  cat >"$1/pg_hba.conf" <<'HBA'
+# TYPE  DATABASE  USER      ADDRESS        METHOD
+local   all       postgres                 peer
+host    all       all       127.0.0.1/32   scram-sha-256
+host    all       all       ::1/128        scram-sha-256
+HBA
+  chown postgres:postgres "$1/pg_hba.conf"
+}
+
+psql_admin() {
+  as_postgres psql -h "$(pick_data_dir)" -p "$port" -U postgres -v ON_ERROR_STOP=1 -qtA "$@"
+}
+
+# Sets a role's password from its file, through stdin: it never shows in a process list.
+set_password() { # role
+  local file="$secrets/postgres-$1.password"
+  if [ ! -s "$file" ]; then
+    echo "postgres.sh: no password for role $1 in $secrets; run \`make certs\` first" >&2
+    exit 1
+  fi
+  printf "ALTER ROLE %s PASSWORD '%s';\n" "$1" "$(cat "$file")" | psql_admin -d postgres
+}
 
 create_role_and_databases() {
-  if [ -z "$(psql_admin -d postgres -c "SELECT 1 FROM pg_roles WHERE rolname = '$db_user'")" ]; then
-    psql_admin -d postgres -c "CREATE ROLE $db_user LOGIN"
-  fi
+  local role
+  for role in "$db_user" "${service_roles[@]}"; do
+    if [ -z "$(psql_admin -d postgres -c "SELECT 1 FROM pg_roles WHERE rolname = '$role'")" ]; then
+      psql_admin -d postgres -c "CREATE ROLE $role LOGIN"
+    fi
+    psql_admin -d postgres -c "ALTER ROLE $role LOGIN"
+    set_password "$role"
+  done
+  # make bench counts every role's statements (pg_stat_statements) as the owner role.
+  psql_admin -d postgres -c "GRANT pg_read_all_stats TO $db_user"
   local name
   for name in "${databases[@]}"; do
     if [ -z "$(psql_admin -d postgres -c "SELECT 1 FROM pg_database WHERE datname = '$name'")" ]; then

@@ -50,7 +50,7 @@ _DATABASE_UNREACHABLE = (
 )
 
 
-class RpcBoundary(grpc.aio.ServerInterceptor[Any, Any]):
+class RpcBoundary(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Around each unary RPC of the service: authenticates the caller and applies the method's
     access rule, maps domain errors to gRPC statuses, and writes one JSON access-log line.
 

@@ -9,8 +9,9 @@ from datetime import timedelta
 from pathlib import Path
 
 import grpc
+from sqlalchemy import make_url
 
-from servicekit.settings import AuthSettings, TlsSettings
+from servicekit.settings import AuthSettings, TlsSettings, with_password
 from servicekit.tls import open_channel
 from servicekit.tokens import issue_token
 
@@ -20,6 +21,19 @@ CERTS_DIR = Path(
 CERTS_ENV = {"CERTS_DIR": str(CERTS_DIR)}
 AUTH = AuthSettings.from_env(CERTS_ENV)
 ADMIN_SUBJECT = "test-admin"
+
+
+DATABASE_ROLES = ("user_service", "order_service")  # the services' own roles (migration 0004)
+
+
+def role_url(database_url: str, role: str) -> str:
+    """The same database, logged into as `role`; the password is looked up by who connects."""
+    return make_url(database_url).set(username=role, password=None).render_as_string()
+
+
+def as_role(database_url: str, role: str) -> str:
+    """The same database as `role`, with its password (from the local secrets)."""
+    return with_password(role_url(database_url, role))
 
 
 def tls_of(identity: str) -> TlsSettings:

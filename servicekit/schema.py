@@ -8,6 +8,8 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, text
 
+from servicekit.settings import with_password
+
 _ALEMBIC_INI = Path(__file__).resolve().parent.parent / "alembic.ini"
 
 
@@ -21,7 +23,7 @@ def migrate(database_url: str) -> None:
 def recreate_disposable_database(database_url: str) -> None:
     """Drops every table of a test or fault-suite database and migrates it from scratch.
     Never point this at a database whose data matters."""
-    engine = create_engine(database_url)
+    engine = create_engine(with_password(database_url))
     with engine.begin() as connection:
         connection.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
         connection.execute(text("CREATE SCHEMA public"))

@@ -5,9 +5,14 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from sqlalchemy import make_url
+
+# The owner role, which runs the migrations; each service logs in as a role of its own.
 DEFAULT_DATABASE_URL = "postgresql+psycopg2://ecommerce@127.0.0.1:55432/ecommerce"
+LOCAL_DATABASE_URL = "postgresql+psycopg2://{role}@127.0.0.1:55432/ecommerce"
 
 
 class SettingsError(ValueError):
@@ -215,6 +220,41 @@ class BackpressureSettings:
         )
 
 
+def database_url(env: Mapping[str, str], role: str) -> str:
+    """DATABASE_URL (by default the local database, as the service's own role), with the
+    password of its role."""
+    return with_password(env.get("DATABASE_URL") or LOCAL_DATABASE_URL.format(role=role), env)
+
+
+def read_secret(path: str, variable: str) -> str:
+    """A secret from a file (`*_FILE` settings, compose and Kubernetes secrets): never from the
+    environment itself, so that it stays out of `ps`, images and logs."""
+    try:
+        return Path(path).read_text().strip()
+    except OSError as error:
+        raise SettingsError(f"cannot read {variable} {path!r} ({error.strerror})") from None
+
+
+def with_password(url: str, env: Mapping[str, str] | None = None) -> str:
+    """`url` with its role's password: from DATABASE_PASSWORD_FILE, else from
+    SECRETS_DIR/postgres-<role>.password when that file exists (what `make certs` writes). A URL
+    that carries a password keeps it."""
+    env = os.environ if env is None else env
+    parsed = make_url(url)
+    if parsed.password:
+        return url
+    path = env.get("DATABASE_PASSWORD_FILE")
+    if not path:
+        candidate = Path(env.get("SECRETS_DIR") or ".local/secrets") / (
+            f"postgres-{parsed.username}.password"
+        )
+        if not candidate.is_file():
+            return url
+        path = str(candidate)
+    password = read_secret(path, "DATABASE_PASSWORD_FILE")
+    return parsed.set(password=password).render_as_string(hide_password=False)
+
+
 def parse_log_level(env: Mapping[str, str]) -> str:
     level = env.get("LOG_LEVEL", "INFO").upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -263,7 +303,7 @@ class ServiceSettings:
             service_name=service_name,
             listen_host=listen_host,
             port=env_int(env, port_variable, default_port),
-            database_url=env.get("DATABASE_URL", DEFAULT_DATABASE_URL),
+            database_url=database_url(env, service_name),
             max_workers=max_workers,
             max_message_bytes=env_int(env, "GRPC_MAX_MESSAGE_BYTES", 1024 * 1024, minimum=1024),
             max_concurrent_rpcs=env_int(env, "GRPC_MAX_CONCURRENT_RPCS", 1000, minimum=1),

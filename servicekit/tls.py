@@ -60,7 +60,7 @@ def open_channel(
     return grpc.intercept_channel(channel, BearerToken(token))
 
 
-class BearerToken(grpc.UnaryUnaryClientInterceptor[Any, Any]):
+class BearerToken(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
     """Adds `authorization: Bearer <token>` to every unary call of a channel."""
 
     def __init__(self, token: str) -> None:

@@ -15,11 +15,18 @@ from sqlalchemy import Engine, create_engine
 
 from order_service.service import DEFINITION as ORDER_SERVICE
 from servicekit.kafka import ensure_topics, grant_access, revoke_access
-from servicekit.local_credentials import CERTS_ENV, admin_channel, channel, tls_of
+from servicekit.local_credentials import (
+    CERTS_ENV,
+    admin_channel,
+    as_role,
+    channel,
+    role_url,
+    tls_of,
+)
 from servicekit.outbox import OutboxRelay, event_source
 from servicekit.schema import recreate_disposable_database
 from servicekit.server import RunningService, ServiceDefinition, start_service
-from servicekit.settings import KafkaSettings, OutboxSettings, ServiceSettings
+from servicekit.settings import KafkaSettings, OutboxSettings, ServiceSettings, with_password
 from user_service.service import DEFINITION as USER_SERVICE
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,8 +59,9 @@ PROCESSOR_GROUP = f"test-{RUN_ID}-order-processor"
 def service_settings(service_name: str, **env: str) -> ServiceSettings:
     """Settings for a server on an ephemeral loopback port (port 0), against this run's test
     database and topics; `env` overrides variables."""
+    own_role = {"DATABASE_URL": role_url(TEST_DATABASE_URL, service_name)}
     return ServiceSettings.from_env(
-        service_name, "UNUSED_PORT_VARIABLE", 0, env={**TEST_ENV, **env}
+        service_name, "UNUSED_PORT_VARIABLE", 0, env={**TEST_ENV, **own_role, **env}
     )
 
 
@@ -61,7 +69,7 @@ def new_relay(service_name: str = "order_service", **env: str) -> OutboxRelay:
     """A relay of the service's events, as the service would run it."""
     merged = {**TEST_ENV, **env}
     return OutboxRelay(
-        TEST_DATABASE_URL,
+        as_role(TEST_DATABASE_URL, service_name),
         KafkaSettings.from_env(merged, tls_of(service_name)),
         OutboxSettings.from_env(merged),
         event_source(service_name),
@@ -90,7 +98,7 @@ def database_url(kafka_topics: KafkaSettings) -> str:
 
 @pytest.fixture(scope="session")
 def engine(database_url: str) -> Iterator[Engine]:
-    engine = create_engine(database_url)
+    engine = create_engine(with_password(database_url))  # the owner role: tests look at everything
     yield engine
     engine.dispose()
 

@@ -10,6 +10,7 @@ from ecommerce.v1 import orders_pb2, orders_pb2_grpc, users_pb2
 from sqlalchemy import Engine, bindparam, create_engine, text
 
 from order_service.status import OrderStatus
+from servicekit.settings import with_password
 from servicekit.sql import Database, Statement
 from tests.rpc_errors import call_fails, failure_of
 from tests.test_orders import CREATED, FAILED, PROCESSED, place, usd
@@ -147,7 +148,7 @@ def test_an_empty_or_oversized_batch_is_invalid_argument(
 
 
 def test_statements_are_prepared_once_per_connection(database_url: str) -> None:
-    engine = create_engine(database_url, pool_size=1, max_overflow=0)
+    engine = create_engine(with_password(database_url), pool_size=1, max_overflow=0)
     database = Database(engine)
     statement = Statement("SELECT %(a)s::int + %(b)s::int, %(a)s::int")
     try:
