@@ -94,6 +94,7 @@ events: ## Print keys and CloudEvents headers of TOPIC's events (Ctrl-C stops)
 	java -Dlog4j2.configurationFile=infra/kafka/log4j2.properties -Dkafka.logs.dir=.local/kafka/logs \
 	  -cp '.local/kafka/libs/*' org.apache.kafka.tools.consumer.ConsoleConsumer \
 	  --bootstrap-server $(KAFKA_BOOTSTRAP_SERVERS) --topic $(TOPIC) --from-beginning \
+	  --consumer.config .local/kafka/admin-client.properties \
 	  --property print.key=true --property print.headers=true --property print.value=false
 
 fuzz: venv tools infra-up ## The hostile-input property tests at full size (2,100 cases)

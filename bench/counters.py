@@ -19,7 +19,7 @@ from sqlalchemy import make_url
 
 from chaos.processes import REPO
 from servicekit.db import libpq_dsn
-from servicekit.settings import with_password
+from servicekit.settings import KafkaSettings, with_password
 
 # Where chaos.stack.Stack has each part's stderr (its JSON log lines) written.
 STACK_LOG_DIR = REPO / ".local" / "chaos"
@@ -146,11 +146,9 @@ def statement_calls_between(
 class TopicOffsets:
     """The sum of a topic's end offsets: records written to it so far."""
 
-    def __init__(self, bootstrap_servers: str, topic: str) -> None:
+    def __init__(self, kafka: KafkaSettings, topic: str) -> None:
         self._topic = topic
-        self._consumer = Consumer(
-            {"bootstrap.servers": bootstrap_servers, "group.id": "bench-offsets"}
-        )
+        self._consumer = Consumer(kafka.client_config(**{"group.id": "bench-offsets"}))
 
     def records(self) -> int:
         partitions = self._consumer.list_topics(self._topic, timeout=10).topics[self._topic]

@@ -48,11 +48,9 @@ class StatusWatcher:
     def run(self) -> None:
         topic = self.kafka.orders_topic
         consumer = Consumer(
-            {
-                "bootstrap.servers": self.kafka.bootstrap_servers,
-                "group.id": f"bench-{uuid.uuid4().hex[:8]}",
-                "enable.auto.commit": False,
-            }
+            self.kafka.client_config(
+                **{"group.id": f"bench-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False}
+            )
         )
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         consumer.assign([TopicPartition(topic, p, OFFSET_END) for p in partitions])

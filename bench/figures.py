@@ -227,3 +227,9 @@ def peak_rss(by_process: dict[str, float]) -> Figure:
         f"< {MAX_PEAK_RSS_MB:g} each",
         all(mb < MAX_PEAK_RSS_MB for mb in by_process.values()),
     )
+
+
+def tls_cost(ratios: dict[str, float]) -> Figure:
+    """RPC/s over mutual TLS ÷ RPC/s in plaintext, per RPC (bench.run.run_tls_cost)."""
+    measured = ", ".join(f"{name} {ratio:.2f}" for name, ratio in ratios.items())
+    return Figure("9. RPC/s with mutual TLS ÷ plaintext", measured, "reported", None)

@@ -11,6 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.proc import local_tool
+from servicekit.local_credentials import tls_of, token
+
+_TOKEN: list[str] = []
+
+
+def _token() -> str:
+    """One admin token for the whole run (valid for its hour)."""
+    if not _TOKEN:
+        _TOKEN.append(token("bench", ["admin"]))
+    return _TOKEN[0]
+
 
 _PROTOSETS = Path(tempfile.mkdtemp(prefix="bench-protosets-"))
 
@@ -19,14 +30,24 @@ def ghz_path() -> Path:
     return local_tool("ghz")
 
 
-def protoset(address: str, service: str) -> Path:
+def transport_flags(plaintext: bool, tool: str) -> list[str]:
+    """Mutual TLS with the `client` certificate (grpcurl and ghz spell the flags differently),
+    or plaintext for a server run with GRPC_INSECURE=true."""
+    if plaintext:
+        return ["-plaintext"] if tool == "grpcurl" else ["--insecure"]
+    tls = tls_of("client")
+    dash = "-" if tool == "grpcurl" else "--"
+    return [f"{dash}cacert", tls.ca_file, f"{dash}cert", tls.cert_file, f"{dash}key", tls.key_file]
+
+
+def protoset(address: str, service: str, plaintext: bool = False) -> Path:
     """The service's descriptors, read by grpcurl through reflection (ghz's own reflection
     client does not find the health service), cached per service."""
     path = _PROTOSETS / f"{service}.protoset"
     if not path.exists():
         subprocess.run(
-            [str(local_tool("grpcurl")), "-plaintext", "-protoset-out", str(path), address,
-             "describe", service],
+            [str(local_tool("grpcurl")), *transport_flags(plaintext, "grpcurl"),
+             "-protoset-out", str(path), address, "describe", service],
             capture_output=True, check=True, timeout=30,
         )  # fmt: skip
     return path
@@ -48,15 +69,18 @@ def ghz(
     concurrency: int,
     seconds: float,
     open_loop_rate: float | None = None,
+    plaintext: bool = False,
 ) -> RpcFigures:
-    """Closed loop at `concurrency`, or open loop at `open_loop_rate` calls per second."""
+    """Closed loop at `concurrency`, or open loop at `open_loop_rate` calls per second; over
+    mutual TLS with an admin's token, as any client calls (`plaintext`: without TLS)."""
     load = ["-c", str(concurrency), "--connections", str(min(concurrency, 4))]
     if open_loop_rate is not None:
         load = ["--rps", str(max(1, round(open_loop_rate))), "--async", "-c", "4"]
     completed = subprocess.run(
         [
-            str(ghz_path()), "--insecure", "--call", call, "-d", json.dumps(data),
-            "--protoset", str(protoset(address, call.split("/")[0])), *load,
+            str(ghz_path()), *transport_flags(plaintext, "ghz"), "--call", call,
+            "-d", json.dumps(data), "-m", json.dumps({"authorization": f"Bearer {_token()}"}),
+            "--protoset", str(protoset(address, call.split("/")[0], plaintext)), *load,
             "-z", f"{seconds:g}s", "-O", "json", address,
         ],
         capture_output=True, text=True, timeout=seconds + 120, check=True,

@@ -8,7 +8,25 @@ from datetime import datetime
 from bench.costs import HealthCheckCost, WindowCosts
 from bench.counters import is_request_path_write, mentions_notify
 from bench.figures import Figure, table
+from bench.ghz import RpcFigures
 from bench.pipeline import Probe, Window
+
+TLS_HEADER = [
+    "Mutual TLS against plaintext (GRPC_INSECURE=true), closed loop (ghz), same order_service"
+    " code and database, one after the other:",
+    "",
+    "| RPC | concurrency | RPC/s TLS | RPC/s plaintext | TLS ÷ plaintext | p50 ms TLS"
+    " | p50 ms plaintext | p99 ms TLS | p99 ms plaintext |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+]
+
+
+def tls_row(name: str, concurrency: int, tls: RpcFigures, clear: RpcFigures) -> str:
+    return (
+        f"| {name} | {concurrency} | {tls.rps:.0f} | {clear.rps:.0f} | {tls.rps / clear.rps:.2f}"
+        f" | {tls.p50_ms:.1f} | {clear.p50_ms:.1f} | {tls.p99_ms:.1f} | {clear.p99_ms:.1f} |"
+    )
+
 
 RPC_HEADER = [
     "Closed loop (ghz), on the CreateOrder-only stack (no relay, no processor):",

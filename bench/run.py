@@ -36,6 +36,7 @@ from confluent_kafka.cimpl import NewTopic
 from ecommerce.events.v1 import events_pb2
 from ecommerce.v1 import orders_pb2, orders_pb2_grpc, users_pb2, users_pb2_grpc
 from google.type import money_pb2
+from sqlalchemy import make_url
 
 from bench import figures, report
 from bench.costs import (
@@ -51,8 +52,8 @@ from bench.pipeline import Pipeline, PipelineStuck, SweepPlan, sweep
 from bench.proc import checkouts, peak_rss_mb
 from chaos.processes import REPO
 from chaos.stack import Stack
-from servicekit.local_credentials import admin_channel
-from servicekit.settings import KafkaSettings
+from servicekit.local_credentials import admin_channel, tls_of
+from servicekit.settings import KafkaSettings, with_password
 
 PG_PORT = os.environ.get("PGPORT", "55432")  # as scripts/postgres.sh
 BENCH_DATABASE_URL = f"postgresql+psycopg2://ecommerce@127.0.0.1:{PG_PORT}/ecommerce_bench"
@@ -149,9 +150,15 @@ def pgbench_tps(connections: int, seconds: float, user_id: str) -> float:
     CreateOrder-only database (no relay publishes its rows), for an existing user."""
     payload = _sample_order_created(user_id).SerializeToString()
     pg_bin = sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1]
-    with tempfile.NamedTemporaryFile("w", suffix=".sql") as file:
+    password = make_url(with_password(CREATE_ONLY_DATABASE_URL)).password
+    with (
+        tempfile.NamedTemporaryFile("w", suffix=".sql") as file,
+        tempfile.NamedTemporaryFile("w", suffix=".pgpass") as pgpass,  # mode 600, as libpq wants
+    ):
         file.write(create_order_script(user_id, payload))
         file.flush()
+        pgpass.write(f"127.0.0.1:{PG_PORT}:ecommerce_pgbench:ecommerce:{password}\n")
+        pgpass.flush()
         completed = subprocess.run(
             [
                 str(pg_bin / "pgbench"), "-n", "-h", "127.0.0.1", "-p", PG_PORT, "-U", "ecommerce",
@@ -160,6 +167,7 @@ def pgbench_tps(connections: int, seconds: float, user_id: str) -> float:
                 "ecommerce_pgbench",
             ],
             capture_output=True, text=True, timeout=seconds + 60, check=False,
+            env={**os.environ, "PGPASSFILE": pgpass.name},
         )  # fmt: skip
     match = re.search(r"tps = ([\d.]+) \(without initial connection time\)", completed.stdout)
     if not match:
@@ -184,10 +192,12 @@ def _sample_order_created(user_id: str) -> events_pb2.OrderCreated:
     return event
 
 
-def kafka_producer_ceiling(bootstrap: str, record_size: int, records: int) -> float:
-    """Records/s of Kafka's own producer with the outbox relay's settings, on a topic of its own."""
+def kafka_producer_ceiling(kafka: KafkaSettings, record_size: int, records: int) -> float:
+    """Records/s of Kafka's own producer with the outbox relay's settings (mutual TLS included),
+    on a topic of its own, as the operator."""
     topic = f"bench-{uuid.uuid4().hex[:8]}.producer-ceiling"
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(kafka.client_config())
+    key_store = Path(tls_of("admin").key_file).with_suffix(".pem")  # key + certificate, as PEM
     for future in admin.create_topics([NewTopic(topic, num_partitions=3)]).values():
         future.result()
     try:
@@ -198,7 +208,10 @@ def kafka_producer_ceiling(bootstrap: str, record_size: int, records: int) -> fl
                 f"-Dkafka.logs.dir={REPO}/.local/kafka", "-cp", f"{kafka_libs()}/*",
                 "org.apache.kafka.tools.ProducerPerformance", "--topic", topic,
                 "--num-records", str(records), "--record-size", str(record_size),
-                "--throughput", "-1", "--producer-props", f"bootstrap.servers={bootstrap}",
+                "--throughput", "-1", "--producer-props",
+                f"bootstrap.servers={kafka.bootstrap_servers}", "security.protocol=SSL",
+                "ssl.keystore.type=PEM", f"ssl.keystore.location={key_store}",
+                "ssl.truststore.type=PEM", f"ssl.truststore.location={tls_of('admin').ca_file}",
                 "acks=all", "enable.idempotence=true", "linger.ms=2", "compression.type=lz4",
             ],
             capture_output=True, text=True, timeout=300, check=True,
@@ -333,21 +346,54 @@ def run_rpcs(run: Run, create_only: Stack) -> str:
         return user_id
     with run.part("ceilings (pgbench, Kafka producer)"):
         tps = {c: pgbench_tps(c, run.profile.rpc_seconds, user_id) for c in rates}
-        producer = kafka_producer_ceiling(
-            create_only.kafka.bootstrap_servers, 300, run.profile.producer_records
-        )
+        producer = kafka_producer_ceiling(create_only.kafka, 300, run.profile.producer_records)
     for concurrency, by_name in rates.items():
         run.figures += figures.additive_ceiling(concurrency, by_name, tps[concurrency])
     run.sections.append(report.ceiling_rows(rates, tps, producer))
     return user_id
 
 
+# The CreateOrder-only stack's settings; its plaintext twin adds GRPC_INSECURE=true.
+CREATE_ONLY_ENV = {"OUTBOX_RELAY_ENABLED": "false", "BACKPRESSURE_ENABLED": "false"}
+
+
+def run_tls_cost(run: Run, create_only: Stack, user_id: str) -> None:
+    """What mutual TLS costs: Health/Check and CreateOrder against the CreateOrder-only stack's
+    order_service and against a plaintext twin on the same database, alternated, same
+    concurrency. Both send the same bearer token."""
+    plain = Stack(
+        extra_env={**CREATE_ONLY_ENV, "GRPC_INSECURE": "true"},
+        database_url=CREATE_ONLY_DATABASE_URL,
+    )
+    concurrency = max(run.profile.concurrency)
+    lines = report.TLS_HEADER.copy()
+    calls = {
+        "Health/Check": ("grpc.health.v1.Health/Check", {}),
+        "CreateOrder": (CREATE_ORDER, create_order_request(user_id)),
+    }
+    ratios = {}
+    try:
+        plain.start("order_service")
+        with run.part("TLS against plaintext"):
+            for name, (method, data) in calls.items():
+                seconds = run.profile.rpc_seconds
+                tls = ghz(create_only.address("order_service"), method, data, concurrency, seconds)
+                clear = ghz(
+                    plain.address("order_service"), method, data, concurrency, seconds,
+                    plaintext=True,
+                )  # fmt: skip
+                ratios[name] = tls.rps / clear.rps
+                lines.append(report.tls_row(name, concurrency, tls, clear))
+    finally:
+        plain.stop_all()
+    run.sections.append(lines)
+    run.figures.append(figures.tls_cost(ratios))
+
+
 def run_pipeline(run: Run, stack: Stack, reference: Callable[[], float]) -> None:
     pipeline = Pipeline(stack)
     database = DatabaseCounters(stack.database_url)
-    counters = CostCounters(
-        database, TopicOffsets(stack.kafka.bootstrap_servers, stack.kafka.orders_topic)
-    )
+    counters = CostCounters(database, TopicOffsets(stack.kafka, stack.kafka.orders_topic))
     try:
         sustainable = run_sweep(run, pipeline, reference)
         run_costs(run, pipeline, counters, sustainable / 2)
@@ -438,10 +484,7 @@ def peak_memory(stacks: dict[str, Stack]) -> dict[str, float]:
 def run_all(profile: Profile, skip: set[str]) -> Run:
     run = Run(profile, skip, [], [], {})
     pipeline_stack = Stack(database_url=BENCH_DATABASE_URL)
-    create_only = Stack(
-        extra_env={"OUTBOX_RELAY_ENABLED": "false", "BACKPRESSURE_ENABLED": "false"},
-        database_url=CREATE_ONLY_DATABASE_URL,
-    )
+    create_only = Stack(extra_env=CREATE_ONLY_ENV, database_url=CREATE_ONLY_DATABASE_URL)
     stacks = {"": pipeline_stack, "CreateOrder-only ": create_only}
     try:
         with run.part("stacks start"):
@@ -451,6 +494,7 @@ def run_all(profile: Profile, skip: set[str]) -> Run:
             create_only.start("user_service")
             create_only.start("order_service")
         user_id = run_rpcs(run, create_only)
+        run_tls_cost(run, create_only, user_id)
         if "pipeline" not in skip:
             run_pipeline(run, pipeline_stack, create_only_rate(create_only, user_id, profile))
         if "data" not in skip:
@@ -467,7 +511,7 @@ def run_all(profile: Profile, skip: set[str]) -> Run:
 
 def delete_topics(kafka: KafkaSettings) -> None:
     """The run's own topics: every partition left on the shared broker costs it CPU."""
-    admin = AdminClient({"bootstrap.servers": kafka.bootstrap_servers})
+    admin = AdminClient(kafka.client_config())
     names = [kafka.orders_topic, kafka.users_topic, kafka.orders_dlq_topic]
     for future in admin.delete_topics(names, operation_timeout=30).values():
         future.result()

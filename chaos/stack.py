@@ -15,7 +15,7 @@ from servicekit.healthcheck import is_serving
 from servicekit.kafka import ensure_topics, grant_access
 from servicekit.local_credentials import CERTS_ENV, tls_of
 from servicekit.schema import recreate_disposable_database
-from servicekit.settings import KafkaSettings
+from servicekit.settings import KafkaSettings, TlsSettings
 
 CHAOS_DATABASE_URL = os.environ.get(
     "CHAOS_DATABASE_URL", "postgresql+psycopg2://ecommerce@127.0.0.1:55432/ecommerce_chaos"
@@ -52,11 +52,17 @@ class Stack:
             "OUTBOX_PUBLISH_TIMEOUT_SECONDS": "5",
             "HEALTH_CHECK_INTERVAL_SECONDS": "0.5",
             "SHUTDOWN_GRACE_SECONDS": "10",
+            "GRPC_REFLECTION_ENABLED": "true",  # grpcurl and ghz read the descriptors
             **CERTS_ENV,
             **(extra_env or {}),
         }
         self.kafka = KafkaSettings.from_env(self.env, tls_of("admin"))
         self.processes: dict[str, ServiceProcess] = {}
+
+    @property
+    def client_tls(self) -> TlsSettings:
+        """How a client of this stack connects: the `client` certificate, or plaintext."""
+        return TlsSettings.from_env({**CERTS_ENV, **self.env}, "client")
 
     def address(self, name: str) -> str:
         return f"127.0.0.1:{self.parts[name].port}"
@@ -90,9 +96,7 @@ class Stack:
 
     def restart(self, name: str) -> None:
         self.start(name)
-        assert wait_until(lambda: is_serving(self.address(name), tls_of("client")), timeout=30), (
-            name
-        )
+        assert wait_until(lambda: is_serving(self.address(name), self.client_tls), timeout=30), name
 
     def stop_all(self) -> None:
         for process in self.processes.values():

@@ -89,6 +89,17 @@ group.initial.rebalance.delay.ms=0
 PROPS
 }
 
+# For Kafka's own command-line tools (`make events`): the operator's identity, over mutual TLS.
+write_admin_client_config() {
+  cat >"$repo/.local/kafka/admin-client.properties" <<PROPS
+security.protocol=SSL
+ssl.keystore.type=PEM
+ssl.keystore.location=$certs/admin.pem
+ssl.truststore.type=PEM
+ssl.truststore.location=$certs/ca.crt
+PROPS
+}
+
 pid_file() { echo "$(node_dir "$1")/kafka.pid"; }
 is_running() { local f; f=$(pid_file "$1"); [ -s "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null; }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -166,6 +177,7 @@ up() {
   fetch_jars
   stop_other_size
   mkdir -p "$home"
+  write_admin_client_config
   local node
   for node in $(seq 1 "$brokers"); do start_node "$node"; done
   for node in $(seq 1 "$brokers"); do wait_for_node "$node"; done

@@ -9,6 +9,8 @@ run_dir=.local/run
 mkdir -p "$run_dir"
 python=.venv/bin/python
 pids=()
+# A development stack: reflection on, so that grpcurl needs no proto files.
+export GRPC_REFLECTION_ENABLED=${GRPC_REFLECTION_ENABLED:-true}
 
 start() { # module
   "$python" -m "$1" &
@@ -46,14 +48,13 @@ done
 
 cat >&2 <<MSG
 
-user_service, order_service and processor are up. Try (grpcurl is in .local/bin):
-  export PATH="\$PWD/.local/bin:\$PATH"
-  grpcurl -plaintext localhost:${USER_SERVICE_PORT:-50051} list
-  grpcurl -plaintext -d '{"email":"ada@example.com","name":"Ada"}' localhost:${USER_SERVICE_PORT:-50051} ecommerce.v1.UserService/CreateUser
-  grpcurl -plaintext -d '{"user_id":"<user id>","amount":{"currency_code":"USD","units":"42"}}' localhost:${ORDER_SERVICE_PORT:-50052} ecommerce.v1.OrderService/CreateOrder
-  grpcurl -plaintext -d '{"id":"<order id>"}' localhost:${ORDER_SERVICE_PORT:-50052} ecommerce.v1.OrderService/GetOrder
-      (a moment later: "status": "ORDER_STATUS_PROCESSED"; in JPY, or above 10000, ORDER_STATUS_FAILED)
-  grpcurl -plaintext localhost:${PROCESSOR_HEALTH_PORT:-50053} grpc.health.v1.Health/Check
+user_service, order_service and processor are up, over mutual TLS. Try (README: the walkthrough):
+  export PATH="\$PWD/.local/bin:\$PATH"; C=.local/certs
+  G="grpcurl -cacert \$C/ca.crt -cert \$C/client.crt -key \$C/client.key"
+  ADMIN=\$(make -s token SUB=ops SCOPE=admin)
+  \$G localhost:${USER_SERVICE_PORT:-50051} list
+  \$G -H "authorization: Bearer \$ADMIN" -d '{"email":"ada@example.com","name":"Ada"}' localhost:${USER_SERVICE_PORT:-50051} ecommerce.v1.UserService/CreateUser
+  \$G localhost:${PROCESSOR_HEALTH_PORT:-50053} grpc.health.v1.Health/Check
 Ctrl-C stops all three.
 
 MSG

@@ -7,7 +7,9 @@ holds the private key issues tokens (`make token`, or an identity provider in pr
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -26,10 +28,11 @@ _HOW_TO_GET_ONE = "send `authorization: Bearer <token>` (locally: `make token SU
 
 @dataclass(frozen=True)
 class Claims:
-    """What a verified token says of its holder."""
+    """What a verified token says of its holder, until when."""
 
     subject: str
     scopes: frozenset[str]
+    expires: float  # seconds since the epoch
 
 
 class TokenVerifier:
@@ -43,6 +46,9 @@ class TokenVerifier:
             ) from None
         self._issuer = settings.issuer
         self._audience = settings.audience
+        # A client sends the same token on every call: its signature is checked once (about
+        # 0.2 ms of CPU), its expiry on every call. Refused tokens are not remembered.
+        self._verified = functools.lru_cache(maxsize=4096)(self._decode)
 
     def verify(self, authorization: str | None) -> Claims:
         """The claims of an `authorization` metadata value; Unauthenticated, with a reason a
@@ -55,9 +61,15 @@ class TokenVerifier:
                 f"the authorization metadata is not a bearer token: {_HOW_TO_GET_ONE}",
                 reason="TOKEN_MALFORMED",
             )
+        claims = self._verified(token.strip())
+        if claims.expires <= time.time():
+            raise _expired()
+        return claims
+
+    def _decode(self, token: str) -> Claims:
         try:
             claims = jwt.decode(
-                token.strip(),
+                token,
                 self._key,
                 algorithms=[ALGORITHM],
                 audience=self._audience,
@@ -65,10 +77,14 @@ class TokenVerifier:
                 options={"require": ["exp", "iat", "sub", "iss", "aud"]},
             )
         except jwt.ExpiredSignatureError:
-            raise Unauthenticated("the token has expired", reason="TOKEN_EXPIRED") from None
+            raise _expired() from None
         except jwt.InvalidTokenError as error:
             raise _invalid(error) from None
-        return Claims(subject=str(claims["sub"]), scopes=_scopes(claims.get("scope")))
+        return Claims(str(claims["sub"]), _scopes(claims.get("scope")), float(claims["exp"]))
+
+
+def _expired() -> ServiceError:
+    return Unauthenticated("the token has expired", reason="TOKEN_EXPIRED")
 
 
 def _invalid(error: jwt.InvalidTokenError) -> ServiceError:
