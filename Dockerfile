@@ -16,4 +16,9 @@ COPY processor processor
 COPY migrations migrations
 RUN pip install --no-cache-dir --no-deps .
 
-USER nobody
+# A user of its own (not the shared `nobody`), never root. No certificate, key or password is in
+# the image (.dockerignore leaves .local/ out): compose mounts them as secrets, which this user
+# reads through the group compose adds (SECRETS_GID; see SECURITY.md).
+RUN groupadd --gid 10001 app \
+    && useradd --uid 10001 --gid app --no-create-home --shell /usr/sbin/nologin app
+USER 10001:10001

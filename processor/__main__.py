@@ -53,7 +53,9 @@ def main() -> None:
     consumer = Consumer(consumer_config(settings.kafka, settings.group_id))
     consumer.subscribe([settings.kafka.orders_topic], on_revoke=commit_on_revoke)
     dead_letters = DeadLetterQueue(settings.kafka, settings.group_id)
-    channel = open_channel(settings.order_service_address, settings.tls)
+    channel = open_channel(
+        settings.order_service_address, settings.tls, server_identity="order_service"
+    )
     processor = OrderEventProcessor(
         consumer,
         orders_pb2_grpc.OrderServiceStub(channel),

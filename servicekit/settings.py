@@ -111,6 +111,7 @@ class AuthSettings:
     public_key_file: str
     issuer: str
     audience: str
+    max_lifetime_seconds: float
     reflection_enabled: bool
 
     @classmethod
@@ -122,6 +123,8 @@ class AuthSettings:
             ),
             issuer=env_text(env, "AUTH_TOKEN_ISSUER", "https://auth.ecommerce.local"),
             audience=env_text(env, "AUTH_TOKEN_AUDIENCE", "ecommerce"),
+            # A stolen token is good until it expires (there is no revocation list): keep it short.
+            max_lifetime_seconds=env_float(env, "AUTH_TOKEN_MAX_LIFETIME_SECONDS", 86400.0),
             reflection_enabled=env_bool(env, "GRPC_REFLECTION_ENABLED", False),
         )
 

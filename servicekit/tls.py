@@ -47,13 +47,18 @@ def open_channel(
     tls: TlsSettings,
     token: str | None = None,
     options: Sequence[tuple[str, Any]] = (),
+    server_identity: str | None = None,
 ) -> grpc.Channel:
     """A channel to `address` presenting this process's certificate and, on every call, the
-    bearer `token` if given (plaintext only when the settings say so, and only to loopback)."""
+    bearer `token` if given (plaintext only when the settings say so, and only to loopback).
+    With `server_identity`, the server must prove to be that workload (its certificate names it),
+    not just any holder of a certificate of the CA."""
     if tls.insecure:
         tls.require_loopback(address, "the address called")
         channel = grpc.insecure_channel(address, options=options)
     else:
+        if server_identity is not None:
+            options = [*options, ("grpc.ssl_target_name_override", server_identity)]
         channel = grpc.secure_channel(address, channel_credentials(tls), options=options)
     if token is None:
         return channel

@@ -1,14 +1,22 @@
-"""docker-compose.yml cannot run here (no Docker engine), so check that it agrees with the code."""
+"""docker-compose.yml cannot run here (no Docker engine), so check that it agrees with the code,
+and that it keeps the security settings: mutual TLS everywhere, each container its own identity,
+no password in the file, ports on loopback unless PUBLISH_HOST says otherwise."""
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import ipaddress
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from sqlalchemy import make_url
+
+from servicekit.settings import KafkaSettings, TlsSettings, with_password
 
 REPO = Path(__file__).resolve().parent.parent
 # Module -> the variable holding its gRPC port (the processor's serves health only) and its default.
@@ -17,7 +25,23 @@ SERVICES = {
     "order_service": ("ORDER_SERVICE_PORT", 50052),
     "processor": ("PROCESSOR_HEALTH_PORT", 50053),
 }
-DATABASE_USERS = ("migrate", "user_service", "order_service")
+# Compose service -> the identity (certificate) it holds; topics runs as the operator.
+IDENTITIES = {
+    "user_service": "user_service",
+    "order_service": "order_service",
+    "processor": "processor",
+    "topics": "admin",
+}
+# Compose service -> the database role it logs in as; migrate runs as the owner.
+DATABASE_ROLES = {
+    "migrate": "ecommerce",
+    "user_service": "user_service",
+    "order_service": "order_service",
+}
+SECRETS = "/run/secrets/"
+PUBLISH = "${PUBLISH_HOST:-127.0.0.1}"
+SECRETS_GID = "${SECRETS_GID:-1000}"
+INIT_SCRIPT = REPO / "infra/postgres/service-roles.sh"
 
 
 class RecordingEnv(Mapping[str, str]):
@@ -47,10 +71,84 @@ def variables_read_by(module: str) -> set[str]:
     return env.asked
 
 
+def variables_read_by_topics_step() -> set[str]:
+    env = RecordingEnv()
+    KafkaSettings.from_env(env, TlsSettings.from_env(env, "admin"))
+    return env.asked
+
+
+def variables_read_by_migrations() -> set[str]:
+    env = RecordingEnv()
+    with_password("postgresql+psycopg2://ecommerce@postgres:5432/ecommerce", env)
+    return {"DATABASE_URL", *env.asked}
+
+
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
     loaded: dict[str, Any] = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     return loaded
+
+
+def unescaped(value: object) -> str:
+    """A compose value as the container sees it (`$$` is compose's escape for `$`)."""
+    return str(value).replace("$$", "$")
+
+
+def mounted(service: Mapping[str, Any]) -> dict[str, str]:
+    """Container path -> secret name, for the secrets mounted into a service."""
+    paths = {}
+    for entry in service.get("secrets", []):
+        name = entry if isinstance(entry, str) else entry["source"]
+        target = name if isinstance(entry, str) else entry.get("target", name)
+        paths[target if target.startswith("/") else SECRETS + target] = name
+    return paths
+
+
+def secret_paths_in(environment: Mapping[str, Any]) -> set[str]:
+    return {str(v) for v in environment.values() if str(v).startswith(SECRETS)}
+
+
+def properties(text: str) -> dict[str, str]:
+    """`key=value` lines of a properties text (here: scripts/kafka.sh's server.properties)."""
+    pairs = (line.split("=", 1) for line in text.splitlines() if re.match(r"^[a-z.]+=", line))
+    return {key: value.replace("\\$", "$") for key, value in pairs}
+
+
+# ssl.principal.mapping.rules as Kafka parses them: RULE:regex/replacement/[LU], or DEFAULT.
+_KAFKA_RULE = re.compile(r"(DEFAULT|RULE:((?:\\.|[^\\/])*)/((?:\\.|[^\\/])*)/[LU]?)(?:,\s*|$)")
+
+
+def kafka_principal(rules: str, dn: str) -> str | None:
+    """The principal Kafka's rules make of a certificate's subject (RFC 2253), as the broker
+    does: the first rule whose pattern matches the whole name; DEFAULT keeps the name."""
+    for rule in _KAFKA_RULE.finditer(rules):
+        if rule.group(1) == "DEFAULT":
+            return dn
+        if re.fullmatch(rule.group(2), dn):
+            return re.sub(rule.group(2), rule.group(3).replace("$", "\\"), dn)
+    return None
+
+
+def certs_script_outputs() -> set[str]:
+    """The files `make certs` writes, by path relative to the repository."""
+    script = (REPO / "scripts/certs.sh").read_text()
+    identities = re.search(r"^identities=\(([^)]*)\)", script, re.MULTILINE)
+    roles = re.search(r"^for role in ([^;]+);", script, re.MULTILINE)
+    assert identities and roles, "scripts/certs.sh no longer lists its identities and roles"
+    files = {".local/certs/ca.crt", ".local/certs/token-signing.pub"}
+    for identity in identities.group(1).split():
+        files |= {f".local/certs/{identity}.{ext}" for ext in ("crt", "key", "pem")}
+    files |= {f".local/secrets/postgres-{role}.password" for role in roles.group(1).split()}
+    return files
+
+
+def migration_roles() -> set[str]:
+    path = REPO / "migrations/versions/0004_least_privilege_roles.py"
+    spec = importlib.util.spec_from_file_location("least_privilege_roles", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return set(module.GRANTS)
 
 
 @pytest.mark.parametrize("module", sorted(SERVICES))
@@ -64,9 +162,8 @@ def test_service_runs_its_module_on_its_port(compose: dict[str, Any], module: st
     assert set(environment) <= variables_read_by(module), "compose sets a variable nothing reads"
     assert port_variable in variables_read_by(module)
     assert int(environment[port_variable]) == default_port
-    # Published on the host's loopback only, unless PUBLISH_HOST says otherwise.
-    assert service["ports"] == [f"${{PUBLISH_HOST:-127.0.0.1}}:{default_port}:{default_port}"]
     assert environment["GRPC_LISTEN_HOST"] == "0.0.0.0"  # reachable from outside its container
+    # The probe presents the container's own certificate (TLS_*) and dials a name in it.
     assert service["healthcheck"]["test"] == [
         "CMD",
         "python",
@@ -78,36 +175,248 @@ def test_service_runs_its_module_on_its_port(compose: dict[str, Any], module: st
     assert environment["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
 
 
-def test_migrate_step_and_database_agree(compose: dict[str, Any]) -> None:
-    postgres = compose["services"]["postgres"]
+def test_one_off_steps_set_only_what_they_read(compose: dict[str, Any]) -> None:
+    topics = compose["services"]["topics"]
     migrate = compose["services"]["migrate"]
-    env = postgres["environment"]
-    url = (
-        f"postgresql+psycopg2://{env['POSTGRES_USER']}:{env['POSTGRES_PASSWORD']}"
-        f"@postgres:5432/{env['POSTGRES_DB']}"
-    )
 
+    assert topics["command"] == ["python", "-m", "servicekit.topics"]
+    assert set(topics["environment"]) <= variables_read_by_topics_step()
     assert migrate["command"] == ["alembic", "upgrade", "head"]
-    assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
-    for name in DATABASE_USERS:
-        assert compose["services"][name]["environment"]["DATABASE_URL"] == url
+    assert set(migrate["environment"]) <= variables_read_by_migrations()
+    # Alembic's environment logs in with the password file, as the services do.
+    assert "with_password" in (REPO / "migrations/env.py").read_text()
+
+
+def test_only_the_grpc_ports_are_published_and_on_loopback(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    published = {name for name, service in services.items() if service.get("ports")}
+
+    assert published == set(SERVICES)  # never PostgreSQL or Kafka
+    for name in published:
+        port = SERVICES[name][1]
+        assert services[name]["ports"] == [f"{PUBLISH}:{port}:{port}"]
+    for service in services.values():
+        assert service.get("network_mode") != "host"
+
+
+@pytest.mark.parametrize("name", sorted(IDENTITIES))
+def test_each_process_holds_its_own_certificate_and_no_plaintext(
+    compose: dict[str, Any], name: str
+) -> None:
+    identity = IDENTITIES[name]
+    service = compose["services"][name]
+    environment = service["environment"]
+    secrets = mounted(service)
+
+    assert environment["TLS_CA_FILE"] == f"{SECRETS}ca.crt"
+    assert environment["TLS_CERT_FILE"] == f"{SECRETS}{identity}.crt"
+    assert environment["TLS_KEY_FILE"] == f"{SECRETS}{identity}.key"
+    # Whatever a setting names is mounted, and no other identity's key is.
+    assert secret_paths_in(environment) <= set(secrets)
+    keys = {path for path in secrets if path.endswith((".key", ".pem"))}
+    assert keys == {f"{SECRETS}{identity}.key"}
+    # Mutual TLS is the default; compose must not turn it off.
+    assert environment.get("GRPC_INSECURE", "false") == "false"
+    assert str(environment.get("KAFKA_SECURITY_PROTOCOL", "SSL")).upper() == "SSL"
+
+
+@pytest.mark.parametrize("name", ["user_service", "order_service"])
+def test_services_check_tokens_with_the_public_key_only(compose: dict[str, Any], name: str) -> None:
+    service = compose["services"][name]
+
+    assert service["environment"]["AUTH_TOKEN_PUBLIC_KEY_FILE"] == f"{SECRETS}token-signing.pub"
+    assert f"{SECRETS}token-signing.pub" in mounted(service)
+
+
+def test_every_secret_is_a_file_make_certs_writes_and_no_signing_key_is_mounted(
+    compose: dict[str, Any],
+) -> None:
+    files = {name: Path(spec["file"]).as_posix() for name, spec in compose["secrets"].items()}
+
+    assert {path.removeprefix("./") for path in files.values()} <= certs_script_outputs()
+    for name, path in files.items():
+        assert Path(path).name == name  # mounted under the name `make certs` gave it
+        assert name not in {"ca.key", "token-signing.key"}, f"{name} signs: never mount it"
+    used = {name for service in compose["services"].values() for name in mounted(service).values()}
+    assert used == set(files)
+
+
+def test_no_password_in_the_compose_file(compose: dict[str, Any]) -> None:
+    text = (REPO / "docker-compose.yml").read_text()
+
+    assert not re.search(r"://[^\s/@:]+:[^\s/@]+@", text), "a URL with credentials"
+    for service in compose["services"].values():
+        for key, value in service.get("environment", {}).items():
+            assert not key.endswith(("PASSWORD", "SECRET", "TOKEN")), f"{key}: use a *_FILE setting"
+            if key == "DATABASE_URL":
+                assert make_url(value).password is None
+
+
+def test_database_roles_and_password_files(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    postgres = services["postgres"]["environment"]
+
+    assert postgres["POSTGRES_USER"] == DATABASE_ROLES["migrate"] == postgres["POSTGRES_DB"]
+    assert postgres["POSTGRES_PASSWORD_FILE"] == f"{SECRETS}postgres-ecommerce.password"
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name, role in DATABASE_ROLES.items():
+        service = services[name]
+        url = make_url(service["environment"]["DATABASE_URL"])
+        assert (url.drivername, url.host, url.port, url.database) == (
+            "postgresql+psycopg2",
+            "postgres",
+            5432,
+            postgres["POSTGRES_DB"],
+        )
+        assert url.username == role
+        password_file = f"{SECRETS}postgres-{role}.password"
+        assert service["environment"]["DATABASE_PASSWORD_FILE"] == password_file
+        assert password_file in mounted(service)
+        # No other role's password: a service can log in as itself only.
+        assert [p for p in mounted(service) if p.endswith(".password")] == [password_file]
     for name in ("user_service", "order_service"):
-        depends_on = compose["services"][name]["depends_on"]
+        depends_on = services[name]["depends_on"]
         assert depends_on["migrate"]["condition"] == "service_completed_successfully"
+    # The processor has no database access at all.
+    assert "DATABASE_URL" not in services["processor"]["environment"]
+    assert not [p for p in mounted(services["processor"]) if p.endswith(".password")]
 
 
-def test_kafka_topics_step_and_processor_agree(compose: dict[str, Any]) -> None:
-    kafka = compose["services"]["kafka"]["environment"]
+def test_postgres_takes_passwords_only_and_creates_the_migrations_roles(
+    compose: dict[str, Any],
+) -> None:
+    postgres = compose["services"]["postgres"]
+    environment = postgres["environment"]
+    script = INIT_SCRIPT.read_text()
+
+    assert "POSTGRES_PASSWORD" not in environment
+    assert environment["POSTGRES_HOST_AUTH_METHOD"] == "scram-sha-256"
+    assert set(environment["POSTGRES_INITDB_ARGS"].split()) == {
+        "--auth-local=scram-sha-256",
+        "--auth-host=scram-sha-256",
+    }
+    assert "trust" not in " ".join(str(v) for v in environment.values())
+    # The init script is mounted where the image runs it, and executable, so it is run (a script
+    # that is not is sourced into the entrypoint's own shell).
+    mount = f"./{INIT_SCRIPT.relative_to(REPO)}:/docker-entrypoint-initdb.d/{INIT_SCRIPT.name}:ro"
+    assert mount in postgres["volumes"]
+    assert INIT_SCRIPT.stat().st_mode & 0o111
+    # It makes the roles migration 0004 grants to, which are the roles the services log in as,
+    # log in with the passwords of the secrets mounted into postgres.
+    created = set(re.findall(r"ALTER ROLE (\w+) LOGIN PASSWORD", script))
+    assert created == migration_roles() == set(DATABASE_ROLES.values()) - {"ecommerce"}
+    assert set(re.findall(r"/run/secrets/[\w.-]+", script)) == {
+        f"{SECRETS}postgres-{role}.password" for role in created
+    }
+    assert set(re.findall(r"/run/secrets/[\w.-]+", script)) <= set(mounted(postgres))
+    # Probed over TCP: the image's temporary server during initialisation listens on a socket only.
+    assert postgres["healthcheck"]["test"][:4] == ["CMD", "pg_isready", "-h", "127.0.0.1"]
+
+
+def test_kafka_listens_on_mutual_tls_only_as_the_local_broker_does(compose: dict[str, Any]) -> None:
+    kafka = compose["services"]["kafka"]
+    env = {key: unescaped(value) for key, value in kafka["environment"].items()}
+    protocols = dict(
+        pair.split(":") for pair in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(",")
+    )
+    listeners = [item.split("://")[0] for item in env["KAFKA_LISTENERS"].split(",")]
+    advertised = [item.split("://")[0] for item in env["KAFKA_ADVERTISED_LISTENERS"].split(",")]
+
+    assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft, no ZooKeeper
+    assert env["KAFKA_ADVERTISED_LISTENERS"] == "BROKER://kafka:9092"
+    for name in [*listeners, *advertised, env["KAFKA_INTER_BROKER_LISTENER_NAME"]]:
+        assert protocols[name] == "SSL", f"listener {name} is not TLS"
+    assert protocols[env["KAFKA_CONTROLLER_LISTENER_NAMES"]] == "SSL"
+    # The image's start script switches to JKS key stores when it sees "SSL://" there.
+    assert "SSL://" not in env["KAFKA_ADVERTISED_LISTENERS"]
+    assert env["KAFKA_SSL_KEYSTORE_TYPE"] == env["KAFKA_SSL_TRUSTSTORE_TYPE"] == "PEM"
+    assert env["KAFKA_SSL_KEYSTORE_LOCATION"] == f"{SECRETS}kafka.pem"
+    assert env["KAFKA_SSL_TRUSTSTORE_LOCATION"] == f"{SECRETS}ca.crt"
+    assert secret_paths_in(env) <= set(mounted(kafka))
+    assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"  # the topics step creates them
+    assert env["KAFKA_LOG_DIRS"] in {volume.split(":")[1] for volume in kafka["volumes"]}
+    # The image turns KAFKA_* variables into server.properties, but drops any whose value holds "=".
+    assert not [key for key, value in env.items() if key.startswith("KAFKA_") and "=" in value]
+    # Client certificates, authorizer and super users as scripts/kafka.sh sets them; principals
+    # mapped from the certificate's CN the same way.
+    local = properties((REPO / "scripts/kafka.sh").read_text())
+    for key in (
+        "ssl.client.auth",
+        "ssl.endpoint.identification.algorithm",
+        "authorizer.class.name",
+        "super.users",
+        "allow.everyone.if.no.acl.found",
+    ):
+        assert env["KAFKA_" + key.upper().replace(".", "_")] == local[key], key
+    rules = env["KAFKA_SSL_PRINCIPAL_MAPPING_RULES"]
+    for identity in ("admin", "kafka", "processor", "user_service"):
+        for dn in (f"CN={identity},O=ecommerce", f"CN={identity}"):
+            assert kafka_principal(rules, dn) == identity
+            assert kafka_principal(local["ssl.principal.mapping.rules"], dn) == identity
+    assert env["KAFKA_SSL_CLIENT_AUTH"] == "required"
+    assert env["KAFKA_ALLOW_EVERYONE_IF_NO_ACL_FOUND"] == "false"
+    # Its probe is a TLS handshake with the mounted key store, not a plaintext connection.
+    probe = " ".join(kafka["healthcheck"]["test"])
+    assert "security.protocol=SSL" in probe and f"{SECRETS}kafka.pem" in probe
+
+
+def test_kafka_clients_and_processor_agree(compose: dict[str, Any]) -> None:
     topics = compose["services"]["topics"]
     processor = compose["services"]["processor"]["environment"]
 
-    assert kafka["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft, no ZooKeeper
-    assert kafka["KAFKA_ADVERTISED_LISTENERS"] == "PLAINTEXT://kafka:9092"
-    assert kafka["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"  # the topics step creates them
-    assert topics["command"] == ["python", "-m", "servicekit.topics"]
     assert topics["environment"]["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
+    assert topics["depends_on"]["kafka"]["condition"] == "service_healthy"
     order_port = compose["services"]["order_service"]["environment"]["ORDER_SERVICE_PORT"]
     assert processor["ORDER_SERVICE_ADDRESS"] == f"order_service:{order_port}"
+
+
+def test_containers_run_as_non_root_users_that_can_read_their_secrets(
+    compose: dict[str, Any],
+) -> None:
+    dockerfile = (REPO / "Dockerfile").read_text().splitlines()
+    users = [line.split()[1] for line in dockerfile if line.startswith("USER ")]
+    ignored = (REPO / ".dockerignore").read_text().split()
+
+    assert users and users[-1].split(":")[0] not in {"root", "0"}
+    assert ".local" in ignored  # no key or password in the build context, so none in the image
+    for name, service in compose["services"].items():
+        assert str(service.get("user", "")).split(":")[0] not in {"root", "0"}, name
+        private = [p for p in mounted(service) if p.endswith((".key", ".pem", ".password"))]
+        if private:  # 0600 on the host, kept by the bind mount: read through the group
+            assert service["group_add"] == [SECRETS_GID], name
+
+
+def certificate_names(identity: str) -> tuple[set[str], set[str]]:
+    """The DNS names and IP addresses of a certificate `make certs` made (skip when none)."""
+    from cryptography import x509
+
+    path = REPO / ".local/certs" / f"{identity}.crt"
+    if not path.is_file():
+        pytest.skip("no certificates: run `make certs`")
+    names = x509.load_pem_x509_certificate(path.read_bytes()).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    dns = set(names.value.get_values_for_type(x509.DNSName))
+    ips = {str(ip) for ip in names.value.get_values_for_type(x509.IPAddress)}
+    return dns, ips
+
+
+def test_every_address_dialled_is_a_name_in_the_server_certificate(
+    compose: dict[str, Any],
+) -> None:
+    services = compose["services"]
+    dialled = {name: ["127.0.0.1"] for name in SERVICES}  # the health probes
+    dialled["order_service"].append(services["processor"]["environment"]["ORDER_SERVICE_ADDRESS"])
+    advertised = services["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+    dialled["kafka"] = [item.split("://")[1] for item in advertised.split(",")]
+    for identity, addresses in dialled.items():
+        dns, ips = certificate_names(identity)
+        for address in addresses:
+            host = address.rsplit(":", 1)[0] if ":" in address else address
+            try:
+                assert str(ipaddress.ip_address(host)) in ips, (identity, host)
+            except ValueError:
+                assert host in dns, (identity, host)
 
 
 def test_image_contains_every_package_the_commands_import() -> None:
