@@ -28,6 +28,7 @@ fi
 mkdir -p "$dir"
 chmod 700 "$dir"
 umask 077
+made=()  # what this run created, for its one line of output
 
 if [ ! -s "$dir/ca.crt" ]; then
   openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$dir/ca.key"
@@ -36,6 +37,7 @@ if [ ! -s "$dir/ca.crt" ]; then
     -addext "basicConstraints=critical,CA:TRUE,pathlen:0" \
     -addext "keyUsage=critical,keyCertSign,cRLSign" \
     -out "$dir/ca.crt"
+  made+=(CA)
 fi
 
 issue() { # identity
@@ -55,6 +57,7 @@ EXT
   rm -f "$dir/$name.csr" "$dir/$name.ext"
   # Kafka reads a PEM key store: the private key (PKCS#8) followed by its certificate.
   cat "$dir/$name.key" "$dir/$name.crt" >"$dir/$name.pem"
+  made+=("$name")
 }
 
 for identity in "${identities[@]}"; do
@@ -64,13 +67,17 @@ done
 if [ ! -s "$dir/token-signing.key" ]; then
   openssl genpkey -algorithm ED25519 -out "$dir/token-signing.key"
   openssl pkey -in "$dir/token-signing.key" -pubout -out "$dir/token-signing.pub"
+  made+=("token signing key")
 fi
 mkdir -p "$secrets"
 chmod 700 "$secrets"
 for role in ecommerce user_service order_service; do
   [ -s "$secrets/postgres-$role.password" ] && continue
   openssl rand -hex 24 | tr -d '\n' >"$secrets/postgres-$role.password"
+  made+=("$role's database password")
 done
 # Certificates and public keys are not secret; the containers' non-root user reads them.
 chmod 644 "$dir"/*.crt "$dir/token-signing.pub"
-echo "certs.sh: CA, ${identities[*]} and the token signing key in $dir; passwords in $secrets" >&2
+if [ ${#made[@]} -gt 0 ]; then
+  echo "certs.sh: made ${made[*]} (certificates and keys in $dir, passwords in $secrets)" >&2
+fi
