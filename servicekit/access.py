@@ -86,6 +86,7 @@ class ForUser:
     needs_token = True
 
     def check(self, caller: Caller, request: Any) -> None:
+        _require_user_or_admin(caller)
         user_id: str = getattr(request, self.field)
         if caller.acts_for(user_id):
             return
@@ -108,13 +109,15 @@ class Owner:
     needs_token = True
 
     def check(self, caller: Caller, request: Any) -> None:
-        if not caller.is_admin and (
-            caller.claims is None or USER_SCOPE not in caller.claims.scopes
-        ):
-            raise PermissionDenied(
-                f"this method needs a token with the {USER_SCOPE} or {ADMIN_SCOPE} scope",
-                reason="SCOPE_REQUIRED",
-            )
+        _require_user_or_admin(caller)
+
+
+def _require_user_or_admin(caller: Caller) -> None:
+    if not caller.is_admin and (caller.claims is None or USER_SCOPE not in caller.claims.scopes):
+        raise PermissionDenied(
+            f"this method needs a token with the {USER_SCOPE} or {ADMIN_SCOPE} scope",
+            reason="SCOPE_REQUIRED",
+        )
 
 
 AccessTable = Mapping[str, Rule]  # method name (e.g. "GetOrder") -> who may call it

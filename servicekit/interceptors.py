@@ -150,13 +150,15 @@ class RpcBoundary(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return behavior(request, context)
 
     def _authenticate(self, rule: Rule, context: Any) -> Caller:
+        """The peer's workload, and the claims of its token. A token that is sent is checked
+        even where the rule needs none: a forged credential is refused everywhere."""
         workload = peer_workload(context)
-        if not rule.needs_token:
-            return Caller(workload, None)
         authorization = next(
             (value for key, value in context.invocation_metadata() if key == "authorization"),
             None,
         )
+        if authorization is None and not rule.needs_token:
+            return Caller(workload, None)
         return Caller(workload, self._tokens.verify(authorization))
 
 

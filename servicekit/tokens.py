@@ -21,6 +21,8 @@ from servicekit.errors import ServiceError, Unauthenticated
 from servicekit.settings import AuthSettings, SettingsError
 
 ALGORITHM = "EdDSA"  # pinned: a token naming any other alg (`none`, HS256, …) is refused
+# How far the issuer's clock may be ahead (iat, nbf) or behind (exp) of the service's.
+CLOCK_SKEW_SECONDS = 30
 SCOPES = ("user", "admin")
 _MAX_TOKEN_CHARS = 4096
 _HOW_TO_GET_ONE = "send `authorization: Bearer <token>` (locally: `make token SUB=… SCOPE=…`)"
@@ -63,7 +65,7 @@ class TokenVerifier:
                 reason="TOKEN_MALFORMED",
             )
         claims = self._verified(token.strip())
-        if claims.expires <= time.time():
+        if claims.expires + CLOCK_SKEW_SECONDS <= time.time():
             raise _expired()
         return claims
 
@@ -76,11 +78,14 @@ class TokenVerifier:
                 audience=self._audience,
                 issuer=self._issuer,
                 options={"require": ["exp", "iat", "sub", "iss", "aud"]},
+                leeway=CLOCK_SKEW_SECONDS,
             )
         except jwt.ExpiredSignatureError:
             raise _expired() from None
         except jwt.InvalidTokenError as error:
             raise _invalid(error) from None
+        if not str(claims["sub"]).strip():
+            raise Unauthenticated("the token was refused: its sub is empty", reason="TOKEN_INVALID")
         expires, issued = float(claims["exp"]), float(claims["iat"])
         if expires - issued > self._max_lifetime:
             raise Unauthenticated(

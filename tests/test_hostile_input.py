@@ -1,29 +1,37 @@
 """Property-based tests: random and hostile field values on every RPC always get a proper status
 (never UNKNOWN or INTERNAL), a message naming the field, and change nothing when rejected.
 
-HYPOTHESIS_PROFILE=full runs 300 cases per RPC (2,100 in all); the default CI profile, 60.
+HYPOTHESIS_PROFILE=full runs 300 cases per RPC (2,100 in all); the default CI profile, 60. The
+bearer-token tests at the end run a quarter of that each: 75, or 15.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
+import string
 import unicodedata
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from ecommerce.v1 import orders_pb2, orders_pb2_grpc, users_pb2, users_pb2_grpc
 from google.type import money_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, text
 
+from servicekit import local_credentials as credentials
 from servicekit.local_credentials import admin_channel
 from servicekit.server import RunningService
+from servicekit.tokens import ALGORITHM
 from tests.conftest import RelayHandle
 from tests.rpc_errors import RpcFailure, call_fails, failure_of
 
@@ -287,6 +295,183 @@ def test_batch_update_order_status(
     for result in response.results:
         if result.HasField("error"):
             assert failure_of(result.error).code in EXPECTED_CODES, result.error
+
+
+# --- Bearer tokens: whatever a client puts in `authorization` -------------------------------------
+
+TOKEN_REFUSALS = {"TOKEN_MISSING", "TOKEN_MALFORMED", "TOKEN_EXPIRED", "TOKEN_INVALID"}
+TOKEN_CASES = max(1, settings().max_examples // 4)
+# gRPC metadata values are printable ASCII (the client itself refuses anything else).
+metadata_characters = st.characters(min_codepoint=0x20, max_codepoint=0x7E)
+metadata_text = st.text(metadata_characters, max_size=300)
+BASE64URL = string.ascii_letters + string.digits + "-_"
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+CLAIM_NAMES = ("iss", "aud", "sub", "scope", "iat", "exp", "nbf", "jti")
+jwt_headers = st.one_of(
+    st.fixed_dictionaries(
+        {"alg": st.sampled_from([ALGORITHM, "none", "None", "HS256", "RS256", "ES256", ""])},
+        optional={"typ": st.just("JWT"), "kid": json_values, "crit": json_values},
+    ),
+    json_values,
+)
+jwt_payloads = st.dictionaries(st.sampled_from(CLAIM_NAMES) | st.text(max_size=8), json_values)
+
+
+def jwt_shaped(parts: tuple[Any, Any, bytes]) -> str:
+    """A compact JWT of any header and claims, with a random signature."""
+    header, payload, signature = parts
+    return ".".join(
+        [
+            b64url(json.dumps(header).encode()),
+            b64url(json.dumps(payload).encode()),
+            b64url(signature),
+        ]
+    )
+
+
+authorization_values = st.one_of(
+    metadata_text,
+    metadata_text.map("Bearer {}".format),
+    st.lists(st.binary(max_size=120).map(b64url), min_size=1, max_size=4).map(
+        lambda segments: "Bearer " + ".".join(segments)
+    ),
+    st.tuples(jwt_headers, jwt_payloads, st.binary(max_size=96))
+    .map(jwt_shaped)
+    .map("Bearer {}".format),
+    st.integers(4000, 6000).map(lambda length: "Bearer " + "A" * length),  # past the size limit
+)
+
+
+@pytest.fixture(scope="module")
+def orders_without_token(
+    order_server: RunningService,
+) -> Iterator[orders_pb2_grpc.OrderServiceStub]:
+    """OrderService through a client certificate only: each call brings its own authorization."""
+    with credentials.channel(f"localhost:{order_server.port}") as client_channel:
+        yield orders_pb2_grpc.OrderServiceStub(client_channel)
+
+
+@pytest.fixture(scope="module")
+def valid_token() -> str:
+    return credentials.token()
+
+
+def get_order_as(
+    stub: orders_pb2_grpc.OrderServiceStub, order: orders_pb2.Order, authorization: str
+) -> RpcFailure | None:
+    """GetOrder with this `authorization` metadata: None when it answers the order."""
+
+    def call(request: orders_pb2.GetOrderRequest) -> orders_pb2.Order:
+        found: orders_pb2.Order = stub.GetOrder(
+            request, metadata=(("authorization", authorization),), timeout=10
+        )
+        return found
+
+    request = orders_pb2.GetOrderRequest(id=order.id)
+    try:
+        found = call(request)
+    except grpc.RpcError:
+        return call_fails(call, request)
+    assert found == order
+    return None
+
+
+def assert_refused_as_unauthenticated(failure: RpcFailure | None, authorization: str) -> None:
+    assert failure is not None, f"accepted: {authorization!r}"
+    assert failure.code is grpc.StatusCode.UNAUTHENTICATED, (failure, authorization)
+    assert failure.reason in TOKEN_REFUSALS, (failure, authorization)
+
+
+@settings(max_examples=TOKEN_CASES)
+@given(authorization=authorization_values)
+def test_any_authorization_but_a_valid_token_is_unauthenticated(
+    orders_without_token: orders_pb2_grpc.OrderServiceStub,
+    existing_order: orders_pb2.Order,
+    valid_token: str,
+    authorization: str,
+) -> None:
+    failure = get_order_as(orders_without_token, existing_order, authorization)
+
+    assert_refused_as_unauthenticated(failure, authorization)
+    assert get_order_as(orders_without_token, existing_order, f"Bearer {valid_token}") is None
+
+
+@settings(max_examples=TOKEN_CASES)
+@given(
+    segment=st.sampled_from(["header", "payload", "signature"]),
+    position=st.integers(0, 10_000),
+    replacement=st.sampled_from(BASE64URL) | metadata_characters,
+)
+def test_a_token_with_one_character_changed_is_unauthenticated(
+    orders_without_token: orders_pb2_grpc.OrderServiceStub,
+    existing_order: orders_pb2.Order,
+    valid_token: str,
+    segment: str,
+    position: int,
+    replacement: str,
+) -> None:
+    segments = dict(zip(["header", "payload", "signature"], valid_token.split("."), strict=True))
+    changed = segments[segment]
+    at = position % len(changed)
+    assume(changed[at] != replacement)
+    segments[segment] = changed[:at] + replacement + changed[at + 1 :]
+    authorization = f"Bearer {'.'.join(segments.values())}"
+
+    failure = get_order_as(orders_without_token, existing_order, authorization)
+
+    assert_refused_as_unauthenticated(failure, authorization)
+    assert get_order_as(orders_without_token, existing_order, f"Bearer {valid_token}") is None
+
+
+def signed_as_is(payload: dict[str, Any]) -> str:
+    """Signed with the real key, by hand: PyJWT would refuse to encode some of these claims."""
+    key = load_pem_private_key((credentials.CERTS_DIR / "token-signing.key").read_bytes(), None)
+    assert isinstance(key, Ed25519PrivateKey)
+    header = b64url(json.dumps({"alg": ALGORITHM, "typ": "JWT"}).encode())
+    signing_input = f"{header}.{b64url(json.dumps(payload).encode())}"
+    return f"{signing_input}.{b64url(key.sign(signing_input.encode()))}"
+
+
+# Refusals of a verified token whose claims do not let it read this order.
+CLAIM_REFUSALS = {(grpc.StatusCode.UNAUTHENTICATED, reason) for reason in TOKEN_REFUSALS} | {
+    (grpc.StatusCode.PERMISSION_DENIED, "SCOPE_REQUIRED"),
+    (grpc.StatusCode.PERMISSION_DENIED, "NOT_RESOURCE_OWNER"),
+}
+
+
+@settings(max_examples=TOKEN_CASES)
+@given(
+    changes=st.dictionaries(st.sampled_from(CLAIM_NAMES), json_values, max_size=4),
+    dropped=st.sets(st.sampled_from(CLAIM_NAMES), max_size=2),
+)
+def test_signed_tokens_with_hostile_claims_get_a_proper_status(
+    orders_without_token: orders_pb2_grpc.OrderServiceStub,
+    existing_order: orders_pb2.Order,
+    valid_token: str,
+    changes: dict[str, Any],
+    dropped: set[str],
+) -> None:
+    """Even the signing key's holder cannot make the verifier fail with an internal error."""
+    claims = {**jwt.decode(valid_token, options={"verify_signature": False}), **changes}
+    payload = {name: value for name, value in claims.items() if name not in dropped}
+    signed = signed_as_is(payload)
+
+    failure = get_order_as(orders_without_token, existing_order, f"Bearer {signed}")
+
+    if failure is not None:
+        assert (failure.code, failure.reason) in CLAIM_REFUSALS, (failure, payload)
 
 
 def test_servers_are_still_healthy(
