@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
 from concurrent import futures
 
 from confluent_kafka import Consumer
@@ -25,6 +27,48 @@ from servicekit.tls import open_channel
 
 log = logging.getLogger("processor")
 HEALTH_SERVICE_NAME = "ecommerce.processor"
+
+
+class StallWatch:
+    """Health that tells the truth: SERVING while the consumer loop comes round (it does at
+    least every poll timeout, idle or not), NOT_SERVING once it has not for `stall_seconds` —
+    stuck in a callback that does not succeed, or hung — and SERVING again when it moves."""
+
+    def __init__(
+        self, health: GrpcServer, last_progress: Callable[[], float], stall_seconds: float
+    ) -> None:
+        self._health = health
+        self._last_progress = last_progress
+        self._stall_seconds = stall_seconds
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stall-watch", daemon=True)
+        self._serving: bool | None = None
+
+    def start(self) -> None:
+        self.check()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+    def check(self) -> None:
+        stalled_for = time.monotonic() - self._last_progress()
+        serving = stalled_for < self._stall_seconds
+        if serving == self._serving:
+            return
+        self._serving = serving
+        self._health.set_serving(serving)
+        if self._serving is not None:
+            log.log(
+                logging.INFO if serving else logging.WARNING,
+                "health changed",
+                extra={"fields": {"serving": serving, "stalled_seconds": round(stalled_for, 1)}},
+            )
+
+    def _run(self) -> None:
+        while not self._stopped.wait(min(1.0, self._stall_seconds / 4)):
+            self.check()
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> ProcessorSettings:
@@ -67,7 +111,8 @@ def main() -> None:
         batch_size=settings.batch_size,
         batch_linger_seconds=settings.batch_linger_seconds,
     )
-    health.set_serving(True)
+    watch = StallWatch(health, lambda: processor.last_progress, settings.stall_seconds)
+    watch.start()
     log.info(
         "serving",
         extra={"fields": {"port": health.port, "topic": settings.kafka.orders_topic}},
@@ -75,6 +120,7 @@ def main() -> None:
     try:
         processor.run()
     finally:
+        watch.stop()
         health.set_serving(False)
         consumer.close()  # commits nothing more: run() committed what was applied
         dead_letters.close()

@@ -158,6 +158,7 @@ class OrderEventProcessor:
         self._batch_size = batch_size
         self._batch_linger_seconds = batch_linger_seconds
         self.handled = 0
+        self.last_progress = time.monotonic()  # the end of the loop's latest turn
 
     def run(self) -> None:
         """Consumes until `stop` is set; then commits what was applied."""
@@ -171,6 +172,7 @@ class OrderEventProcessor:
                     self._log_consumer_error(error)
             if batch:
                 self._advance(batch, self._handle_batch(batch))
+            self.last_progress = time.monotonic()
         self._commit()
 
     def _next_batch(self) -> list[Message]:

@@ -66,6 +66,7 @@ class ProcessorSettings:
     batch_linger_seconds: float
     log_level: str
     reflection_enabled: bool
+    stall_seconds: float
 
     @classmethod
     def from_env(
@@ -93,4 +94,5 @@ class ProcessorSettings:
             batch_linger_seconds=env_float(env, "PROCESSOR_BATCH_LINGER_SECONDS", 0.005),
             log_level=parse_log_level(env),
             reflection_enabled=env_bool(env, "GRPC_REFLECTION_ENABLED", False),
+            stall_seconds=env_float(env, "PROCESSOR_STALL_SECONDS", 30.0),
         )

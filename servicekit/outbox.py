@@ -186,9 +186,35 @@ class OutboxRelay:
         wake_up.events_staged()
         self._thread.join(timeout)
 
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
     def _run(self) -> None:
+        """Supervises the relay: whatever interrupts it, it starts over after a backoff, with a
+        new producer when the old one can no longer be used (librdkafka's fatal errors)."""
         # The producer is made in this thread, after any fork of the hosting process.
-        producer = Producer(
+        producer = self._new_producer()
+        backoff = 0.5
+        while not self._stopped.is_set():
+            try:
+                self._lead(producer)
+                backoff = 0.5
+            except (psycopg2.Error, KafkaException, PublishFailed) as error:
+                log.warning("outbox relay interrupted: %s", error, extra={"fields": {}})
+                if _is_fatal(error):
+                    producer = self._new_producer()
+            except Exception:
+                # A bug, or a failure nobody foresaw: never the end of publishing.
+                log.exception("outbox relay failed; starting over", extra={"fields": {}})
+                producer = self._new_producer()
+            else:
+                continue
+            self._stopped.wait(backoff)
+            backoff = min(backoff * 2, _MAX_BACKOFF_SECONDS)
+        producer.flush(self._outbox.publish_timeout_seconds)
+
+    def _new_producer(self) -> Producer:
+        return Producer(
             producer_config(
                 self._kafka,
                 self._client_id,
@@ -198,16 +224,6 @@ class OutboxRelay:
                 },
             )
         )
-        backoff = 0.5
-        while not self._stopped.is_set():
-            try:
-                self._lead(producer)
-                backoff = 0.5
-            except (psycopg2.Error, KafkaException, PublishFailed) as error:
-                log.warning("outbox relay interrupted: %s", error, extra={"fields": {}})
-                self._stopped.wait(backoff)
-                backoff = min(backoff * 2, _MAX_BACKOFF_SECONDS)
-        producer.flush(self._outbox.publish_timeout_seconds)
 
     def _lead(self, producer: Producer) -> None:
         """Publishes while this relay holds the leader lock; returns when it cannot get it."""
@@ -275,13 +291,27 @@ class OutboxRelay:
             self.published += len(acknowledged)
         if failures:
             raise PublishFailed(
-                f"{len(failures)} of {len(batch)} events not acknowledged: {failures[0]}"
+                f"{len(failures)} of {len(batch)} events not acknowledged: {failures[0]}",
+                fatal=any(failure.fatal() for failure in failures),
             )
         return len(batch)
 
 
 class PublishFailed(Exception):
     """Kafka did not acknowledge some events; they stay unpublished and are retried."""
+
+    def __init__(self, message: str, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.fatal = fatal
+
+
+def _is_fatal(error: Exception) -> bool:
+    """Whether the producer must be replaced (librdkafka: a fatal error ends the instance)."""
+    if isinstance(error, PublishFailed):
+        return error.fatal
+    if isinstance(error, KafkaException) and isinstance(error.args[0], KafkaError):
+        return bool(error.args[0].fatal())
+    return False
 
 
 def _deliver(

@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # not in the stubs
 from grpc_reflection.v1alpha import reflection
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from servicekit.access import AccessTable
 from servicekit.db import create_db_engine, database_answers
@@ -138,15 +138,20 @@ class GrpcServer:
         return server, port
 
     def set_serving(self, serving: bool) -> None:
+        """The status of the server and of its service."""
         self._loop.run(self._set_serving(serving))
 
-    async def _set_serving(self, serving: bool) -> None:
+    def set_component(self, name: str, serving: bool) -> None:
+        """The status of one part (e.g. `ecommerce.outbox`), under its own health name."""
+        self._loop.run(self._set_serving(serving, [name]))
+
+    async def _set_serving(self, serving: bool, names: Sequence[str] | None = None) -> None:
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for name in self._names:
+        for name in self._names if names is None else names:
             await self._health.set(name, status)
 
     def stop(self, grace_seconds: float) -> None:
@@ -174,16 +179,50 @@ def _listen(server: grpc.aio.Server, endpoint: Endpoint) -> int:
     return bound
 
 
-class DatabaseHealthMonitor:
-    """Reports NOT_SERVING for the service while its database does not answer."""
+OUTBOX_HEALTH_NAME = "ecommerce.outbox"
+OLDEST_UNPUBLISHED = text(
+    "SELECT coalesce(extract(epoch FROM now() - min(occur_time)), 0)"
+    " FROM outbox_events WHERE source = :source"
+)
 
-    def __init__(self, engine: Engine, server: GrpcServer, interval: float) -> None:
+
+@dataclass(frozen=True)
+class OutboxProbe:
+    """Whether this service's events get published: its relay (if it runs one here) is alive
+    and the oldest of its unpublished events is younger than `max_age_seconds`."""
+
+    source: str
+    max_age_seconds: float
+    relay: OutboxRelay | None
+
+    def healthy(self, engine: Engine) -> bool:
+        if self.relay is not None and not self.relay.is_alive():
+            return False
+        try:  # any failure to read the age counts as not healthy
+            with engine.connect() as connection:
+                age = float(
+                    connection.execute(OLDEST_UNPUBLISHED, {"source": self.source}).scalar_one()
+                )
+        except Exception:
+            return False
+        return age < self.max_age_seconds
+
+
+class HealthMonitor:
+    """Probes, every interval, what the service's health depends on: the database for the
+    service itself (NOT_SERVING while it does not answer), and its outbox for the component
+    `ecommerce.outbox` (NOT_SERVING while events are not getting published)."""
+
+    def __init__(
+        self, engine: Engine, server: GrpcServer, interval: float, outbox: OutboxProbe
+    ) -> None:
         self._engine = engine
         self._server = server
         self._interval = interval
+        self._outbox = outbox
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="db-health", daemon=True)
-        self._serving: bool | None = None
+        self._thread = threading.Thread(target=self._run, name="health", daemon=True)
+        self._reported: dict[str, bool] = {}
 
     def start(self) -> None:
         self.check()
@@ -194,15 +233,22 @@ class DatabaseHealthMonitor:
         self._thread.join()
 
     def check(self) -> None:
-        serving = database_answers(self._engine)
-        if serving == self._serving or self._stopped.is_set():
+        database = database_answers(self._engine)
+        self._report("", database)
+        self._report(OUTBOX_HEALTH_NAME, database and self._outbox.healthy(self._engine))
+
+    def _report(self, component: str, serving: bool) -> None:
+        if self._reported.get(component) == serving or self._stopped.is_set():
             return
-        self._serving = serving
-        self._server.set_serving(serving)
+        self._reported[component] = serving
+        if component:
+            self._server.set_component(component, serving)
+        else:
+            self._server.set_serving(serving)
         log.log(
             logging.INFO if serving else logging.WARNING,
             "health changed",
-            extra={"fields": {"serving": serving}},
+            extra={"fields": {"component": component or "service", "serving": serving}},
         )
 
     def _run(self) -> None:
@@ -217,7 +263,7 @@ class RunningService:
         self,
         server: GrpcServer,
         engine: Engine,
-        monitor: DatabaseHealthMonitor,
+        monitor: HealthMonitor,
         relay: OutboxRelay | None,
     ) -> None:
         self.server = server
@@ -280,8 +326,6 @@ def start_service(definition: ServiceDefinition, settings: ServiceSettings) -> R
         workers.shutdown(wait=False)
         engine.dispose()
         raise
-    monitor = DatabaseHealthMonitor(engine, server, settings.health_check_interval_seconds)
-    monitor.start()
     relay = None
     if settings.outbox.relay_enabled:
         relay = OutboxRelay(
@@ -292,6 +336,11 @@ def start_service(definition: ServiceDefinition, settings: ServiceSettings) -> R
             settings.service_name,
         )
         relay.start()
+    outbox = OutboxProbe(
+        event_source(settings.service_name), settings.outbox.max_age_seconds, relay
+    )
+    monitor = HealthMonitor(engine, server, settings.health_check_interval_seconds, outbox)
+    monitor.start()
     return RunningService(server, engine, monitor, relay)
 
 

@@ -196,6 +196,7 @@ class OutboxSettings:
     poll_interval_seconds: float
     linger_seconds: float
     publish_timeout_seconds: float
+    max_age_seconds: float
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> OutboxSettings:
@@ -205,6 +206,8 @@ class OutboxSettings:
             poll_interval_seconds=env_float(env, "OUTBOX_POLL_INTERVAL_SECONDS", 0.25),
             linger_seconds=env_float(env, "OUTBOX_LINGER_SECONDS", 0.005),
             publish_timeout_seconds=env_float(env, "OUTBOX_PUBLISH_TIMEOUT_SECONDS", 10.0),
+            # Older than this, an unpublished event means publishing is stuck: health says so.
+            max_age_seconds=env_float(env, "OUTBOX_MAX_AGE_SECONDS", 60.0),
         )
 
 

@@ -65,10 +65,15 @@ def service_settings(service_name: str, **env: str) -> ServiceSettings:
     )
 
 
-def new_relay(service_name: str = "order_service", **env: str) -> OutboxRelay:
-    """A relay of the service's events, as the service would run it."""
+def new_relay(
+    service_name: str = "order_service",
+    relay_class: type[OutboxRelay] = OutboxRelay,
+    **env: str,
+) -> OutboxRelay:
+    """A relay of the service's events, as the service would run it (`relay_class`: one with a
+    seam a test uses to inject a fault)."""
     merged = {**TEST_ENV, **env}
-    return OutboxRelay(
+    return relay_class(
         as_role(TEST_DATABASE_URL, service_name),
         KafkaSettings.from_env(merged, tls_of(service_name)),
         OutboxSettings.from_env(merged),
