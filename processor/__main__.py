@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent import futures
@@ -21,7 +20,7 @@ from processor.consumer import (
 from processor.rules import CurrencyAndLimitRule
 from processor.settings import ProcessorSettings
 from servicekit.jsonlog import configure_logging
-from servicekit.server import Endpoint, GrpcServer, install_stop_signals
+from servicekit.server import Endpoint, GrpcServer, HealthWatch, install_stop_signals
 from servicekit.settings import SettingsError
 from servicekit.tls import open_channel
 
@@ -29,46 +28,13 @@ log = logging.getLogger("processor")
 HEALTH_SERVICE_NAME = "ecommerce.processor"
 
 
-class StallWatch:
-    """Health that tells the truth: SERVING while the consumer loop comes round (it does at
-    least every poll timeout, idle or not), NOT_SERVING once it has not for `stall_seconds` —
-    stuck in a callback that does not succeed, or hung — and SERVING again when it moves."""
-
-    def __init__(
-        self, health: GrpcServer, last_progress: Callable[[], float], stall_seconds: float
-    ) -> None:
-        self._health = health
-        self._last_progress = last_progress
-        self._stall_seconds = stall_seconds
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="stall-watch", daemon=True)
-        self._serving: bool | None = None
-
-    def start(self) -> None:
-        self.check()
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self._thread.join()
-
-    def check(self) -> None:
-        stalled_for = time.monotonic() - self._last_progress()
-        serving = stalled_for < self._stall_seconds
-        if serving == self._serving:
-            return
-        self._serving = serving
-        self._health.set_serving(serving)
-        if self._serving is not None:
-            log.log(
-                logging.INFO if serving else logging.WARNING,
-                "health changed",
-                extra={"fields": {"serving": serving, "stalled_seconds": round(stalled_for, 1)}},
-            )
-
-    def _run(self) -> None:
-        while not self._stopped.wait(min(1.0, self._stall_seconds / 4)):
-            self.check()
+def consumer_health(
+    last_progress: Callable[[], float], stall_seconds: float
+) -> Callable[[], dict[str, bool]]:
+    """SERVING while the consumer loop comes round (it does at least every poll timeout, idle or
+    not); NOT_SERVING once it has not for `stall_seconds`: stuck in a callback that does not
+    succeed, or hung."""
+    return lambda: {"": time.monotonic() - last_progress() < stall_seconds}
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> ProcessorSettings:
@@ -111,7 +77,11 @@ def main() -> None:
         batch_size=settings.batch_size,
         batch_linger_seconds=settings.batch_linger_seconds,
     )
-    watch = StallWatch(health, lambda: processor.last_progress, settings.stall_seconds)
+    watch = HealthWatch(
+        consumer_health(lambda: processor.last_progress, settings.stall_seconds),
+        health.report,
+        interval=min(1.0, settings.stall_seconds / 4),
+    )
     watch.start()
     log.info(
         "serving",

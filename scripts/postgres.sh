@@ -87,6 +87,9 @@ up() {
   if [ -z "$(psql_admin -d postgres -c "SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements'")" ]; then
     psql_admin -d postgres -c "CREATE EXTENSION pg_stat_statements"
   fi
+  # Statements recorded before passwords were kept out of it (see set_password) are dropped.
+  psql_admin -d postgres -c "SELECT count(pg_stat_statements_reset(userid, dbid, queryid))
+    FROM pg_stat_statements WHERE query ILIKE '%password%'" >/dev/null
 }
 
 loads_pg_stat_statements() {
@@ -115,7 +118,9 @@ set_password() { # role
     echo "postgres.sh: no password for role $1 in $secrets; run \`make certs\` first" >&2
     exit 1
   fi
-  printf "ALTER ROLE %s PASSWORD '%s';\n" "$1" "$(cat "$file")" | psql_admin -d postgres
+  # Not in pg_stat_statements either: a utility statement is recorded with its text.
+  printf "SET pg_stat_statements.track_utility = off;\nALTER ROLE %s PASSWORD '%s';\n" \
+    "$1" "$(cat "$file")" | psql_admin -d postgres
 }
 
 create_role_and_databases() {
@@ -128,7 +133,8 @@ create_role_and_databases() {
     set_password "$role"
   done
   # make bench counts every role's statements (pg_stat_statements) as the owner role.
-  psql_admin -d postgres -c "GRANT pg_read_all_stats TO $db_user"
+  psql_admin -d postgres -c "SET client_min_messages = warning" \
+    -c "GRANT pg_read_all_stats TO $db_user"
   local name
   for name in "${databases[@]}"; do
     if [ -z "$(psql_admin -d postgres -c "SELECT 1 FROM pg_database WHERE datname = '$name'")" ]; then

@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from servicekit.errors import DeadlineExceeded
+from servicekit.errors import Cancelled, DeadlineExceeded
 
 _current: ContextVar[CallScope | None] = ContextVar("current_call", default=None)
 
@@ -50,8 +50,11 @@ class CallScope:
 
     @contextmanager
     def using(self, dbapi_connection: Any) -> Iterator[None]:
-        """While inside, an end of the call cancels the statement running on the connection."""
+        """While inside, an end of the call cancels the statement running on the connection; a
+        call that has already ended starts no statement."""
         with self._lock:
+            if self.cancelled:
+                raise Cancelled("the call ended before this statement")
             self._connections.add(dbapi_connection)
         try:
             yield

@@ -79,11 +79,15 @@ class RpcBoundary(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
         method: str = handler_call_details.method
-        if handler is None or not method.startswith(self._prefix):
-            return handler  # health, reflection: open, and none of ours to map
+        if handler is None or method.startswith(OPEN_SERVICES):
+            return handler  # health and reflection: open to every certificate, none of ours
         if handler.unary_unary is None:
-            raise TypeError(f"{method}: only unary methods are wrapped")
-        call = _Call(method, self._access.get(method.removeprefix(self._prefix), _NO_RULE))
+            # None of ours streams (start_service checks): whatever does is never run.
+            return None  # type: ignore[return-value]  # UNIMPLEMENTED
+        rule: Rule = _NO_RULE  # a method outside the table, or of another service: refused
+        if method.startswith(self._prefix):
+            rule = self._access.get(method.removeprefix(self._prefix), _NO_RULE)
+        call = _Call(method, rule)
         behavior = handler.unary_unary
 
         async def observed(request: Any, context: Any) -> Any:
@@ -120,7 +124,9 @@ class RpcBoundary(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 caller,
             )
         except asyncio.CancelledError:
-            scope.end_early()  # the call ended before its handler: stop its database work
+            # The call ended before its handler: stop its database work. A cancel request is a
+            # connection of its own to the database: never on the event loop's thread.
+            asyncio.get_running_loop().run_in_executor(None, scope.end_early)
             log_outcome(
                 grpc.StatusCode.DEADLINE_EXCEEDED
                 if scope.deadline_passed()
@@ -166,6 +172,10 @@ class RpcBoundary(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 class _Call:
     method: str
     rule: Rule
+
+
+# Served to every holder of a certificate of the CA, without a token.
+OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 class _NoRule:

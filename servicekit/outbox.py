@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import psycopg2
 import psycopg2.extensions
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from sqlalchemy import Engine, text
 
 from servicekit.db import libpq_dsn
 from servicekit.kafka import cloudevent_headers, producer_config
@@ -155,6 +156,17 @@ SELECT_PENDING = Statement(
     " FROM outbox_events WHERE source = %(source)s ORDER BY id LIMIT %(limit)s"
 )
 DELETE_PUBLISHED = Statement("DELETE FROM outbox_events WHERE id = ANY(%(ids)s::bigint[])")
+# The oldest is the first in id order: read through the (source, id) index, whatever the backlog.
+OLDEST_UNPUBLISHED_AGE = text(
+    "SELECT coalesce((SELECT extract(epoch FROM now() - occur_time) FROM outbox_events"
+    " WHERE source = :source ORDER BY id LIMIT 1), 0)"
+)
+
+
+def oldest_unpublished_age(engine: Engine, source: str) -> float:
+    """Seconds since the oldest unpublished event of `source` occurred (0 when none waits)."""
+    with engine.connect() as connection:
+        return float(connection.execute(OLDEST_UNPUBLISHED_AGE, {"source": source}).scalar_one())
 
 
 class OutboxRelay:
@@ -192,26 +204,29 @@ class OutboxRelay:
     def _run(self) -> None:
         """Supervises the relay: whatever interrupts it, it starts over after a backoff, with a
         new producer when the old one can no longer be used (librdkafka's fatal errors)."""
-        # The producer is made in this thread, after any fork of the hosting process.
-        producer = self._new_producer()
+        # The producer is made in this thread, after any fork of the hosting process, and
+        # inside the supervision: failing to make one is retried like the rest.
+        producer: Producer | None = None
         backoff = 0.5
         while not self._stopped.is_set():
             try:
+                producer = producer or self._new_producer()
                 self._lead(producer)
                 backoff = 0.5
             except (psycopg2.Error, KafkaException, PublishFailed) as error:
                 log.warning("outbox relay interrupted: %s", error, extra={"fields": {}})
                 if _is_fatal(error):
-                    producer = self._new_producer()
+                    producer = None
             except Exception:
                 # A bug, or a failure nobody foresaw: never the end of publishing.
                 log.exception("outbox relay failed; starting over", extra={"fields": {}})
-                producer = self._new_producer()
+                producer = None
             else:
                 continue
             self._stopped.wait(backoff)
             backoff = min(backoff * 2, _MAX_BACKOFF_SECONDS)
-        producer.flush(self._outbox.publish_timeout_seconds)
+        if producer is not None:
+            producer.flush(self._outbox.publish_timeout_seconds)
 
     def _new_producer(self) -> Producer:
         return Producer(
@@ -309,7 +324,7 @@ def _is_fatal(error: Exception) -> bool:
     """Whether the producer must be replaced (librdkafka: a fatal error ends the instance)."""
     if isinstance(error, PublishFailed):
         return error.fatal
-    if isinstance(error, KafkaException) and isinstance(error.args[0], KafkaError):
+    if isinstance(error, KafkaException) and error.args and isinstance(error.args[0], KafkaError):
         return bool(error.args[0].fatal())
     return False
 

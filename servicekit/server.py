@@ -15,16 +15,17 @@ from types import FrameType
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # not in the stubs
 from grpc_reflection.v1alpha import reflection
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from servicekit.access import AccessTable
 from servicekit.db import create_db_engine, database_answers
 from servicekit.interceptors import RpcBoundary
 from servicekit.jsonlog import configure_logging
-from servicekit.outbox import OutboxRelay, event_source
+from servicekit.outbox import OutboxRelay, event_source, oldest_unpublished_age
 from servicekit.settings import ServiceSettings, SettingsError, TlsSettings
 from servicekit.sql import Database
 from servicekit.tls import server_credentials
@@ -141,9 +142,10 @@ class GrpcServer:
         """The status of the server and of its service."""
         self._loop.run(self._set_serving(serving))
 
-    def set_component(self, name: str, serving: bool) -> None:
-        """The status of one part (e.g. `ecommerce.outbox`), under its own health name."""
-        self._loop.run(self._set_serving(serving, [name]))
+    def report(self, component: str, serving: bool) -> None:
+        """The status of one part (e.g. `ecommerce.outbox`) under its own health name, or, for
+        "", of the server and its service."""
+        self._loop.run(self._set_serving(serving, [component] if component else None))
 
     async def _set_serving(self, serving: bool, names: Sequence[str] | None = None) -> None:
         status = (
@@ -180,10 +182,6 @@ def _listen(server: grpc.aio.Server, endpoint: Endpoint) -> int:
 
 
 OUTBOX_HEALTH_NAME = "ecommerce.outbox"
-OLDEST_UNPUBLISHED = text(
-    "SELECT coalesce(extract(epoch FROM now() - min(occur_time)), 0)"
-    " FROM outbox_events WHERE source = :source"
-)
 
 
 @dataclass(frozen=True)
@@ -199,27 +197,26 @@ class OutboxProbe:
         if self.relay is not None and not self.relay.is_alive():
             return False
         try:  # any failure to read the age counts as not healthy
-            with engine.connect() as connection:
-                age = float(
-                    connection.execute(OLDEST_UNPUBLISHED, {"source": self.source}).scalar_one()
-                )
+            age = oldest_unpublished_age(engine, self.source)
         except Exception:
             return False
         return age < self.max_age_seconds
 
 
-class HealthMonitor:
-    """Probes, every interval, what the service's health depends on: the database for the
-    service itself (NOT_SERVING while it does not answer), and its outbox for the component
-    `ecommerce.outbox` (NOT_SERVING while events are not getting published)."""
+class HealthWatch:
+    """Health that tells the truth: runs `probe` every `interval` on a thread of its own; `probe`
+    says, per component ("" for the server itself), whether it serves; each change is reported
+    (GrpcServer.report) and logged."""
 
     def __init__(
-        self, engine: Engine, server: GrpcServer, interval: float, outbox: OutboxProbe
+        self,
+        probe: Callable[[], dict[str, bool]],
+        report: Callable[[str, bool], None],
+        interval: float,
     ) -> None:
-        self._engine = engine
-        self._server = server
+        self._probe = probe
+        self._report = report
         self._interval = interval
-        self._outbox = outbox
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="health", daemon=True)
         self._reported: dict[str, bool] = {}
@@ -233,27 +230,31 @@ class HealthMonitor:
         self._thread.join()
 
     def check(self) -> None:
-        database = database_answers(self._engine)
-        self._report("", database)
-        self._report(OUTBOX_HEALTH_NAME, database and self._outbox.healthy(self._engine))
-
-    def _report(self, component: str, serving: bool) -> None:
-        if self._reported.get(component) == serving or self._stopped.is_set():
-            return
-        self._reported[component] = serving
-        if component:
-            self._server.set_component(component, serving)
-        else:
-            self._server.set_serving(serving)
-        log.log(
-            logging.INFO if serving else logging.WARNING,
-            "health changed",
-            extra={"fields": {"component": component or "service", "serving": serving}},
-        )
+        for component, serving in self._probe().items():
+            if self._reported.get(component) == serving or self._stopped.is_set():
+                continue
+            self._reported[component] = serving
+            self._report(component, serving)
+            log.log(
+                logging.INFO if serving else logging.WARNING,
+                "health changed",
+                extra={"fields": {"component": component or "server", "serving": serving}},
+            )
 
     def _run(self) -> None:
         while not self._stopped.wait(self._interval):
             self.check()
+
+
+def service_health(engine: Engine, outbox: OutboxProbe) -> Callable[[], dict[str, bool]]:
+    """A service serves while its database answers; its outbox component while, also, its events
+    get published."""
+
+    def probe() -> dict[str, bool]:
+        database = database_answers(engine)
+        return {"": database, OUTBOX_HEALTH_NAME: database and outbox.healthy(engine)}
+
+    return probe
 
 
 class RunningService:
@@ -263,7 +264,7 @@ class RunningService:
         self,
         server: GrpcServer,
         engine: Engine,
-        monitor: HealthMonitor,
+        monitor: HealthWatch,
         relay: OutboxRelay | None,
     ) -> None:
         self.server = server
@@ -296,11 +297,29 @@ def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 0),
         ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
         ("grpc.http2.max_ping_strikes", 2),
+        # Calls one connection may hold open at once (calls that never send their message hold
+        # no worker, but each holds one of GRPC_MAX_CONCURRENT_RPCS until its deadline).
+        ("grpc.max_concurrent_streams", 100),
     ]
+
+
+def check_access_table(definition: ServiceDefinition) -> None:
+    """Every method of the service is unary and has a rule, and every rule names a method: a
+    typo must not leave a method refused, nor a new method open."""
+    service = descriptor_pool.Default().FindServiceByName(definition.full_name)
+    methods = {method.name: method for method in service.methods}
+    streaming = [m.name for m in methods.values() if m.client_streaming or m.server_streaming]
+    missing, unknown = set(methods) - set(definition.access), set(definition.access) - set(methods)
+    if streaming or missing or unknown:
+        raise TypeError(
+            f"{definition.full_name}: streaming {sorted(streaming)}, without a rule"
+            f" {sorted(missing)}, rules for no method {sorted(unknown)}"
+        )
 
 
 def start_service(definition: ServiceDefinition, settings: ServiceSettings) -> RunningService:
     """Builds and starts the server. Port 0 picks a free port, reported as `RunningService.port`."""
+    check_access_table(definition)
     tokens = TokenVerifier(settings.auth)  # a missing key file stops the start, before any port
     engine = create_db_engine(settings)
     resources = ServiceResources(Database(engine), settings)
@@ -339,7 +358,9 @@ def start_service(definition: ServiceDefinition, settings: ServiceSettings) -> R
     outbox = OutboxProbe(
         event_source(settings.service_name), settings.outbox.max_age_seconds, relay
     )
-    monitor = HealthMonitor(engine, server, settings.health_check_interval_seconds, outbox)
+    monitor = HealthWatch(
+        service_health(engine, outbox), server.report, settings.health_check_interval_seconds
+    )
     monitor.start()
     return RunningService(server, engine, monitor, relay)
 

@@ -72,6 +72,11 @@ def is_loopback(address: str) -> bool:
     return host in LOOPBACK_HOSTS
 
 
+def certs_dir_of(env: Mapping[str, str]) -> str:
+    """Where `make certs` put the CA, the certificates and the token keys."""
+    return env_text(env, "CERTS_DIR", ".local/certs")
+
+
 @dataclass(frozen=True)
 class TlsSettings:
     """A process's identity for mutual TLS (gRPC and Kafka): its certificate and key, signed by
@@ -86,7 +91,7 @@ class TlsSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], identity: str) -> TlsSettings:
-        certs_dir = env_text(env, "CERTS_DIR", ".local/certs")
+        certs_dir = certs_dir_of(env)
         return cls(
             identity=identity,
             ca_file=env_text(env, "TLS_CA_FILE", f"{certs_dir}/ca.crt"),
@@ -116,7 +121,7 @@ class AuthSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> AuthSettings:
-        certs_dir = env_text(env, "CERTS_DIR", ".local/certs")
+        certs_dir = certs_dir_of(env)
         return cls(
             public_key_file=env_text(
                 env, "AUTH_TOKEN_PUBLIC_KEY_FILE", f"{certs_dir}/token-signing.pub"
@@ -178,6 +183,12 @@ def _kafka_security(env: Mapping[str, str], tls: TlsSettings) -> dict[str, str]:
     if protocol not in _KAFKA_PROTOCOLS:
         raise SettingsError(f"KAFKA_SECURITY_PROTOCOL must be one of {', '.join(_KAFKA_PROTOCOLS)}")
     if protocol == "PLAINTEXT":
+        for server in env_text(env, "KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:59092").split(","):
+            if not is_loopback(server.strip()):
+                raise SettingsError(
+                    f"KAFKA_SECURITY_PROTOCOL=PLAINTEXT is allowed on loopback only, but"
+                    f" KAFKA_BOOTSTRAP_SERVERS names {server.strip()!r}"
+                )
         return {"security.protocol": "plaintext"}
     return {
         "security.protocol": "ssl",

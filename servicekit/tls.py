@@ -51,8 +51,8 @@ def open_channel(
 ) -> grpc.Channel:
     """A channel to `address` presenting this process's certificate and, on every call, the
     bearer `token` if given (plaintext only when the settings say so, and only to loopback).
-    With `server_identity`, the server must prove to be that workload (its certificate names it),
-    not just any holder of a certificate of the CA."""
+    With `server_identity`, the server's certificate must carry that name (as a DNS SAN, which
+    only that workload's certificate does), not just be signed by the CA."""
     if tls.insecure:
         tls.require_loopback(address, "the address called")
         channel = grpc.insecure_channel(address, options=options)

@@ -18,7 +18,7 @@ from pathlib import Path
 import jwt
 
 from servicekit.errors import ServiceError, Unauthenticated
-from servicekit.settings import AuthSettings, SettingsError
+from servicekit.settings import AuthSettings, SettingsError, certs_dir_of
 
 ALGORITHM = "EdDSA"  # pinned: a token naming any other alg (`none`, HS256, …) is refused
 # How far the issuer's clock may be ahead (iat, nbf) or behind (exp) of the service's.
@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
     args = parser.parse_args()
     settings = AuthSettings.from_env(os.environ)
-    certs_dir = os.environ.get("CERTS_DIR") or ".local/certs"
+    certs_dir = certs_dir_of(os.environ)
     key_file = os.environ.get("AUTH_TOKEN_PRIVATE_KEY_FILE") or f"{certs_dir}/token-signing.key"
     scopes = args.scope.split()
     if unknown := set(scopes) - set(SCOPES):

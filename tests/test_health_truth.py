@@ -18,13 +18,14 @@ from sqlalchemy import Engine, text
 
 from chaos.processes import wait_until
 from order_service.service import DEFINITION as ORDER_SERVICE
-from processor.__main__ import StallWatch
+from processor.__main__ import consumer_health
 from servicekit.local_credentials import admin_channel, tls_of
 from servicekit.outbox import OutboxRelay, event_source
 from servicekit.server import (
     OUTBOX_HEALTH_NAME,
     Endpoint,
     GrpcServer,
+    HealthWatch,
     RunningService,
     start_service,
 )
@@ -154,7 +155,7 @@ def test_a_stalled_consumer_loop_turns_the_processor_not_serving_and_back() -> N
         Endpoint("ecommerce.processor", "127.0.0.1", 0, tls_of("processor"), reflection=False),
         futures.ThreadPoolExecutor(max_workers=2),
     )
-    watch = StallWatch(server, lambda: progress[0], stall_seconds=0.5)
+    watch = HealthWatch(consumer_health(lambda: progress[0], 0.5), server.report, interval=0.1)
     watch.start()
     try:
         assert health_of(server.port, "ecommerce.processor") == SERVING
