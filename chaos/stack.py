@@ -53,6 +53,7 @@ class Stack:
             "HEALTH_CHECK_INTERVAL_SECONDS": "0.5",
             "SHUTDOWN_GRACE_SECONDS": "10",
             "GRPC_REFLECTION_ENABLED": "true",  # grpcurl and ghz read the descriptors
+            "METRICS_PORT": "0",  # any free port: stacks run side by side
             **CERTS_ENV,
             **(extra_env or {}),
         }

@@ -20,6 +20,7 @@ from processor.consumer import (
 from processor.rules import CurrencyAndLimitRule
 from processor.settings import ProcessorSettings
 from servicekit.jsonlog import configure_logging
+from servicekit.metrics import MetricsEndpoint
 from servicekit.server import Endpoint, GrpcServer, HealthWatch, install_stop_signals
 from servicekit.settings import SettingsError
 from servicekit.tls import open_channel
@@ -83,9 +84,16 @@ def main() -> None:
         interval=min(1.0, settings.stall_seconds / 4),
     )
     watch.start()
+    metrics = MetricsEndpoint(settings.metrics_host, settings.metrics_port)
     log.info(
         "serving",
-        extra={"fields": {"port": health.port, "topic": settings.kafka.orders_topic}},
+        extra={
+            "fields": {
+                "port": health.port,
+                "metrics_port": metrics.port,
+                "topic": settings.kafka.orders_topic,
+            }
+        },
     )
     try:
         processor.run()
@@ -96,6 +104,7 @@ def main() -> None:
         dead_letters.close()
         channel.close()
         health.stop(grace_seconds=1)
+        metrics.stop()
     log.info("stopped", extra={"fields": {"handled": processor.handled}})
 
 

@@ -26,6 +26,7 @@ from google.protobuf.message import DecodeError
 from processor.rules import OrderRule
 from servicekit.errors import status_code
 from servicekit.kafka import copy_and_wait, header, headers_without, position, producer_config
+from servicekit.metrics import DEAD_LETTERS, PROCESSOR_OUTCOMES
 from servicekit.retry import TRANSIENT_CODES, call_with_retry
 from servicekit.settings import KafkaSettings
 
@@ -125,6 +126,20 @@ class RetryLater:
 
 DONE = Done()
 RETRY_LATER = RetryLater()
+
+
+def _outcome(decision: Decision, result: Result | Decision) -> str:
+    """The metric label of what became of a message."""
+    if isinstance(result, RetryLater):
+        return "retry_later"
+    if isinstance(result, DeadLetter):
+        return "dead_lettered"
+    if isinstance(decision, Settle):
+        processed = decision.change.status == orders_pb2.ORDER_STATUS_PROCESSED
+        return "processed" if processed else "failed"
+    return "skipped"  # an event the processor has nothing to do for
+
+
 Decision = Settle | DeadLetter | Done
 # What became of a message once its decision was carried out.
 Result = Done | DeadLetter | RetryLater
@@ -194,9 +209,11 @@ class OrderEventProcessor:
         handled = set()
         for index, decision in enumerate(decisions):
             result = settled.get(index, decision)
+            PROCESSOR_OUTCOMES.labels(_outcome(decision, result)).inc()
             if isinstance(result, RetryLater):
                 continue
             if isinstance(result, DeadLetter):
+                DEAD_LETTERS.labels(result.reason).inc()
                 self._dead_letters.send(batch[index], result)
             handled.add(index)
         return handled

@@ -67,6 +67,8 @@ class ProcessorSettings:
     log_level: str
     reflection_enabled: bool
     stall_seconds: float
+    metrics_host: str
+    metrics_port: int
 
     @classmethod
     def from_env(
@@ -95,4 +97,6 @@ class ProcessorSettings:
             log_level=parse_log_level(env),
             reflection_enabled=env_bool(env, "GRPC_REFLECTION_ENABLED", False),
             stall_seconds=env_float(env, "PROCESSOR_STALL_SECONDS", 30.0),
+            metrics_host=env_text(env, "METRICS_HOST", "127.0.0.1"),
+            metrics_port=env_int(env, "METRICS_PORT", 51053),
         )

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the pinned command-line tools (grpcurl, buf; ghz with --with-ghz) into .local/bin with
-# `go install`.
+# `go install`, and Prometheus with promtool from Debian's packages when missing.
 # Skips a tool whose pinned version is already there.
 set -euo pipefail
 
@@ -25,6 +25,13 @@ GHZ_VERSION=v0.120.0
 
 install grpcurl github.com/fullstorydev/grpcurl/cmd/grpcurl "$GRPCURL_VERSION"
 install buf github.com/bufbuild/buf/cmd/buf "$BUF_VERSION"
+# Prometheus and promtool (Debian's package): the scrape test and `promtool check rules`.
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+  echo "tools.sh: apt-get install prometheus" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
 # The RPC load generator, for `make bench` only.
 if [ "${1:-}" = "--with-ghz" ]; then
   install ghz github.com/bojand/ghz/cmd/ghz "$GHZ_VERSION"

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from servicekit.errors import ResourceExhausted
+from servicekit.metrics import SHED_CALLS
 from servicekit.settings import BackpressureSettings
 
 # How long a delay seen at completion stays the pipeline's delay.
@@ -66,6 +67,7 @@ class PipelineDelayShedder:
         share = self.shed_share()
         if share > 0 and self._draw() < share:
             delay = self.delay()
+            SHED_CALLS.labels("PIPELINE_BEHIND").inc()
             raise ResourceExhausted(
                 f"accepted work completes {delay:.2f} s after it is accepted, above the"
                 f" {self._bound:g} s this service allows; retry after the RetryInfo delay",

@@ -27,6 +27,7 @@ from servicekit.errors import (
     Unavailable,
     excerpt,
 )
+from servicekit.metrics import RPC_SECONDS, RPCS
 from servicekit.tls import peer_workload
 from servicekit.tokens import TokenVerifier
 
@@ -228,10 +229,13 @@ def _log_rpc(
 ) -> None:
     """The call's one log line: what was asked, what came of it (handlers add to it through
     call_scope.annotate_log), how long it took."""
+    seconds = time.perf_counter() - started
+    RPCS.labels(method, code.name).inc()
+    RPC_SECONDS.labels(method).observe(seconds)
     fields: dict[str, Any] = {
         "method": method,
         "code": code.name,
-        "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+        "duration_ms": round(seconds * 1000, 2),
     }
     if caller is not None:
         fields["caller"] = caller.workload or ""

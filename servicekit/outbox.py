@@ -29,6 +29,7 @@ from sqlalchemy import Engine, text
 
 from servicekit.db import libpq_dsn
 from servicekit.kafka import cloudevent_headers, producer_config
+from servicekit.metrics import EVENTS_PUBLISHED, OUTBOX_OLDEST_AGE, PUBLISH_FAILURES
 from servicekit.settings import KafkaSettings, OutboxSettings
 from servicekit.sql import Statement
 
@@ -166,7 +167,9 @@ OLDEST_UNPUBLISHED_AGE = text(
 def oldest_unpublished_age(engine: Engine, source: str) -> float:
     """Seconds since the oldest unpublished event of `source` occurred (0 when none waits)."""
     with engine.connect() as connection:
-        return float(connection.execute(OLDEST_UNPUBLISHED_AGE, {"source": source}).scalar_one())
+        age = float(connection.execute(OLDEST_UNPUBLISHED_AGE, {"source": source}).scalar_one())
+    OUTBOX_OLDEST_AGE.labels(source).set(age)
+    return age
 
 
 class OutboxRelay:
@@ -215,11 +218,13 @@ class OutboxRelay:
                 backoff = 0.5
             except (psycopg2.Error, KafkaException, PublishFailed) as error:
                 log.warning("outbox relay interrupted: %s", error, extra={"fields": {}})
+                PUBLISH_FAILURES.labels(self._source).inc()
                 if _is_fatal(error):
                     producer = None
             except Exception:
                 # A bug, or a failure nobody foresaw: never the end of publishing.
                 log.exception("outbox relay failed; starting over", extra={"fields": {}})
+                PUBLISH_FAILURES.labels(self._source).inc()
                 producer = None
             else:
                 continue
@@ -304,6 +309,7 @@ class OutboxRelay:
             with connection.cursor() as cursor:
                 DELETE_PUBLISHED.run(cursor, {"ids": acknowledged}, prepared)
             self.published += len(acknowledged)
+            EVENTS_PUBLISHED.labels(self._source).inc(len(acknowledged))
         if failures:
             raise PublishFailed(
                 f"{len(failures)} of {len(batch)} events not acknowledged: {failures[0]}",

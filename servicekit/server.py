@@ -25,6 +25,7 @@ from servicekit.access import AccessTable
 from servicekit.db import create_db_engine, database_answers
 from servicekit.interceptors import RpcBoundary
 from servicekit.jsonlog import configure_logging
+from servicekit.metrics import DB_CONNECTIONS_IN_USE, MetricsEndpoint
 from servicekit.outbox import OutboxRelay, event_source, oldest_unpublished_age
 from servicekit.settings import ServiceSettings, SettingsError, TlsSettings
 from servicekit.sql import Database
@@ -266,9 +267,11 @@ class RunningService:
         engine: Engine,
         monitor: HealthWatch,
         relay: OutboxRelay | None,
+        metrics: MetricsEndpoint,
     ) -> None:
         self.server = server
         self.port = server.port
+        self.metrics = metrics
         self.relay = relay
         self._engine = engine
         self._monitor = monitor
@@ -281,6 +284,7 @@ class RunningService:
         if self.relay is not None:
             self.relay.stop()
         self._engine.dispose()
+        self.metrics.stop()
 
 
 def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
@@ -362,7 +366,9 @@ def start_service(definition: ServiceDefinition, settings: ServiceSettings) -> R
         service_health(engine, outbox), server.report, settings.health_check_interval_seconds
     )
     monitor.start()
-    return RunningService(server, engine, monitor, relay)
+    DB_CONNECTIONS_IN_USE.set_function(engine.pool.checkedout)  # type: ignore[attr-defined]
+    metrics = MetricsEndpoint(settings.metrics_host, settings.metrics_port)
+    return RunningService(server, engine, monitor, relay, metrics)
 
 
 def install_stop_signals() -> threading.Event:
@@ -390,7 +396,16 @@ def serve(definition: ServiceDefinition, settings_loader: Callable[[], ServiceSe
         running = start_service(definition, settings)
     except SettingsError as error:
         sys.exit(f"configuration error: {error}")
-    log.info("serving", extra={"fields": {"host": settings.listen_host, "port": running.port}})
+    log.info(
+        "serving",
+        extra={
+            "fields": {
+                "host": settings.listen_host,
+                "port": running.port,
+                "metrics_port": running.metrics.port,
+            }
+        },
+    )
     stop_requested.wait()
     running.stop(settings.shutdown_grace_seconds)
     log.info("stopped")

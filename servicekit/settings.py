@@ -302,6 +302,8 @@ class ServiceSettings:
     backpressure: BackpressureSettings
     tls: TlsSettings
     auth: AuthSettings
+    metrics_host: str
+    metrics_port: int
 
     @classmethod
     def from_env(
@@ -338,4 +340,7 @@ class ServiceSettings:
             backpressure=BackpressureSettings.from_env(env),
             tls=tls,
             auth=AuthSettings.from_env(env),
+            metrics_host=env_text(env, "METRICS_HOST", "127.0.0.1"),
+            # /metrics, plain HTTP: loopback unless a scraper elsewhere needs it.
+            metrics_port=env_int(env, "METRICS_PORT", default_port + 1000 if default_port else 0),
         )

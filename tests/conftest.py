@@ -49,6 +49,7 @@ TEST_ENV = {
     # turns shedding on for a server of its own).
     "BACKPRESSURE_ENABLED": "false",
     "GRPC_REFLECTION_ENABLED": "true",
+    "METRICS_PORT": "0",  # any free port: many servers run in one test process
     **CERTS_ENV,
 }
 # The run's own view of Kafka (topics, reading what was published): the operator's identity.
