@@ -26,7 +26,7 @@ from google.protobuf.message import DecodeError
 from processor.rules import OrderRule
 from servicekit.errors import status_code
 from servicekit.kafka import copy_and_wait, header, headers_without, position, producer_config
-from servicekit.metrics import DEAD_LETTERS, PROCESSOR_OUTCOMES
+from servicekit.metrics import CONSUMER_LAG, DEAD_LETTERS, PROCESSOR_OUTCOMES
 from servicekit.retry import TRANSIENT_CODES, call_with_retry
 from servicekit.settings import KafkaSettings
 
@@ -40,6 +40,7 @@ TRANSIENT_FOR_CALLBACK = TRANSIENT_CODES | {grpc.StatusCode.CANCELLED}
 # The callback is retried on these; only the transient ones are never given up on.
 RETRYABLE_CODES = TRANSIENT_FOR_CALLBACK | {grpc.StatusCode.NOT_FOUND}
 DLQ_HEADER_PREFIX = "dlq_"
+LAG_INTERVAL_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,7 @@ class OrderEventProcessor:
         self._batch_linger_seconds = batch_linger_seconds
         self.handled = 0
         self.last_progress = time.monotonic()  # the end of the loop's latest turn
+        self._lag_recorded = 0.0
 
     def run(self) -> None:
         """Consumes until `stop` is set; then commits what was applied."""
@@ -188,7 +190,25 @@ class OrderEventProcessor:
             if batch:
                 self._advance(batch, self._handle_batch(batch))
             self.last_progress = time.monotonic()
+            if self.last_progress - self._lag_recorded >= LAG_INTERVAL_SECONDS:
+                self._record_lag()
         self._commit()
+
+    def _record_lag(self) -> None:
+        """Per assigned partition, how far behind its end this consumer reads (from the
+        watermarks the last fetch brought: no request to the broker)."""
+        self._lag_recorded = time.monotonic()
+        try:
+            assigned = self._consumer.position(self._consumer.assignment())
+        except KafkaException:
+            return  # a rebalance in progress: next time
+        for partition in assigned:
+            low, high = self._consumer.get_watermark_offsets(partition, cached=True)
+            # Nothing read yet from the partition: all of it is to be read (earliest).
+            position = partition.offset if partition.offset >= 0 else low
+            if high >= 0 and position >= 0:
+                lag = CONSUMER_LAG.labels(partition.topic, str(partition.partition))
+                lag.set(max(high - position, 0))
 
     def _next_batch(self) -> list[Message]:
         """What arrives within a short linger after the first message, up to batch_size: one

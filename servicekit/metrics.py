@@ -38,6 +38,11 @@ PROCESSOR_OUTCOMES = Counter(
     "Messages the processor handled, by result (processed, failed, dead_lettered, retry_later)",
     ["result"],
 )
+CONSUMER_LAG = Gauge(
+    "ecommerce_processor_consumer_lag",
+    "Messages of a partition not read yet by this consumer (end offset - position)",
+    ["topic", "partition"],
+)
 DEAD_LETTERS = Counter("ecommerce_processor_dead_letters", "Messages sent to the DLQ", ["reason"])
 
 

@@ -97,6 +97,11 @@ def test_prometheus_scrapes_every_process(
             for series in handled
         )
         assert query(address, "ecommerce_db_pool_connections_in_use")
+        assert wait_until(
+            lambda: bool(query(address, 'ecommerce_processor_consumer_lag{job="processor"}')),
+            timeout=20,
+            interval=0.5,
+        )
         with urllib.request.urlopen(f"{address}/api/v1/rules", timeout=5) as reply:
             groups = json.load(reply)["data"]["groups"]
         assert {rule["name"] for group in groups for rule in group["rules"]} >= {
