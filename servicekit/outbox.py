@@ -156,6 +156,10 @@ SELECT_PENDING = Statement(
     "SELECT id, event_id, topic, message_key, event_type, source, payload, occur_time"
     " FROM outbox_events WHERE source = %(source)s ORDER BY id LIMIT %(limit)s"
 )
+RELAY_SESSION_BOUNDS = (
+    "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; SET tcp_keepalives_count = 3;"
+    " SET tcp_user_timeout = 10000; SET statement_timeout = 30000"
+)
 DELETE_PUBLISHED = Statement("DELETE FROM outbox_events WHERE id = ANY(%(ids)s::bigint[])")
 # The oldest is the first in id order: read through the (source, id) index, whatever the backlog.
 OLDEST_UNPUBLISHED_AGE = text(
@@ -248,7 +252,14 @@ class OutboxRelay:
     def _lead(self, producer: Producer) -> None:
         """Publishes while this relay holds the leader lock; returns when it cannot get it."""
         connection = psycopg2.connect(
-            self._dsn, connect_timeout=3, application_name=f"{self._client_id}-relay"
+            self._dsn,
+            connect_timeout=3,
+            application_name=f"{self._client_id}-relay",
+            # A database that vanished (host down, partition) is noticed within ~10 s.
+            keepalives=1,
+            keepalives_idle=5,
+            keepalives_interval=2,
+            keepalives_count=3,
         )
         try:
             connection.autocommit = True
@@ -256,6 +267,10 @@ class OutboxRelay:
                 # A delete lost in a crash only means the event is published again, which
                 # consumers tolerate: the relay's cycle need not wait for the WAL flush.
                 cursor.execute("SET synchronous_commit = off")
+                # The other way round: a relay whose host vanished holds the leader lock until
+                # the server notices, within ~10 s, not when TCP gives up (hours); a statement
+                # that hangs ends.
+                cursor.execute(RELAY_SESSION_BOUNDS)
                 cursor.execute(
                     "SELECT pg_try_advisory_lock(%s, hashtext(%s))",
                     (RELAY_LOCK_CLASS, self._source),
