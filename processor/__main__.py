@@ -99,7 +99,7 @@ def main() -> None:
         processor.run()
     finally:
         watch.stop()
-        health.set_serving(False)
+        health.report("", False)
         consumer.close()  # commits nothing more: run() committed what was applied
         dead_letters.close()
         channel.close()

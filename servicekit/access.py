@@ -143,8 +143,3 @@ def check_owner(owner_user_id: str | None, what: str) -> None:
     raise PermissionDenied(
         f"{what} does not exist or belongs to another user", reason="NOT_RESOURCE_OWNER"
     )
-
-
-def is_admin_call() -> bool:
-    caller = _current.get()
-    return caller is not None and caller.is_admin

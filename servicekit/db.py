@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import Engine, MetaData, create_engine, event, make_url, text
+from sqlalchemy import Engine, MetaData, create_engine, event, make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import DeclarativeBase
 
@@ -72,15 +72,6 @@ def _check_before_reuse(dbapi_connection: Any, record: Any, _proxy: Any) -> None
             dbapi_connection.rollback()
     except Exception as error:
         raise DisconnectionError(f"stale connection: {error}") from error
-
-
-def database_answers(engine: Engine) -> bool:
-    try:
-        with engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
-        return True
-    except Exception:
-        return False
 
 
 def violated_constraint(error: Exception) -> str | None:

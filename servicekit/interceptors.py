@@ -70,6 +70,8 @@ class RpcBoundary(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self._access = access
         self._tokens = tokens
         self._workers = workers
+        # The wrapped handler of each method, made at its first call, not at every call.
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     async def intercept_service(
         self,
@@ -78,18 +80,28 @@ class RpcBoundary(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         ],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(handler_call_details)
         method: str = handler_call_details.method
+        if (wrapped := self._wrapped.get(method)) is not None:
+            return wrapped
+        handler = await continuation(handler_call_details)
         if handler is None or method.startswith(OPEN_SERVICES):
             return handler  # health and reflection: open to every certificate, none of ours
-        if handler.unary_unary is None:
+        if (behavior := handler.unary_unary) is None:
             # None of ours streams (start_service checks): whatever does is never run.
             return None  # type: ignore[return-value]  # UNIMPLEMENTED
+        self._wrapped[method] = self._wrap(method, behavior, handler)
+        return self._wrapped[method]
+
+    def _wrap(
+        self,
+        method: str,
+        behavior: Callable[[Any, Any], Any],
+        handler: grpc.RpcMethodHandler[Any, Any],
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         rule: Rule = _NO_RULE  # a method outside the table, or of another service: refused
         if method.startswith(self._prefix):
             rule = self._access.get(method.removeprefix(self._prefix), _NO_RULE)
         call = _Call(method, rule)
-        behavior = handler.unary_unary
 
         async def observed(request: Any, context: Any) -> Any:
             return await self._observe(call, behavior, request, context)

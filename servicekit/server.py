@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from sqlalchemy import Engine
 
 from servicekit.access import AccessTable
-from servicekit.db import create_db_engine, database_answers
+from servicekit.db import create_db_engine
 from servicekit.interceptors import RpcBoundary
 from servicekit.jsonlog import configure_logging
 from servicekit.metrics import DB_CONNECTIONS_IN_USE, MetricsEndpoint
@@ -139,10 +139,6 @@ class GrpcServer:
         await server.start()
         return server, port
 
-    def set_serving(self, serving: bool) -> None:
-        """The status of the server and of its service."""
-        self._loop.run(self._set_serving(serving))
-
     def report(self, component: str, serving: bool) -> None:
         """The status of one part (e.g. `ecommerce.outbox`) under its own health name, or, for
         "", of the server and its service."""
@@ -183,25 +179,6 @@ def _listen(server: grpc.aio.Server, endpoint: Endpoint) -> int:
 
 
 OUTBOX_HEALTH_NAME = "ecommerce.outbox"
-
-
-@dataclass(frozen=True)
-class OutboxProbe:
-    """Whether this service's events get published: its relay (if it runs one here) is alive
-    and the oldest of its unpublished events is younger than `max_age_seconds`."""
-
-    source: str
-    max_age_seconds: float
-    relay: OutboxRelay | None
-
-    def healthy(self, engine: Engine) -> bool:
-        if self.relay is not None and not self.relay.is_alive():
-            return False
-        try:  # any failure to read the age counts as not healthy
-            age = oldest_unpublished_age(engine, self.source)
-        except Exception:
-            return False
-        return age < self.max_age_seconds
 
 
 class HealthWatch:
@@ -247,13 +224,20 @@ class HealthWatch:
             self.check()
 
 
-def service_health(engine: Engine, outbox: OutboxProbe) -> Callable[[], dict[str, bool]]:
+def service_health(
+    engine: Engine, source: str, max_age_seconds: float, relay: OutboxRelay | None
+) -> Callable[[], dict[str, bool]]:
     """A service serves while its database answers; its outbox component while, also, its events
-    get published."""
+    get published: its relay (if it runs one here) is alive and the oldest of its unpublished
+    events is younger than `max_age_seconds`. One query answers both."""
 
     def probe() -> dict[str, bool]:
-        database = database_answers(engine)
-        return {"": database, OUTBOX_HEALTH_NAME: database and outbox.healthy(engine)}
+        try:
+            age = oldest_unpublished_age(engine, source)
+        except Exception:  # the database does not answer, whatever the reason
+            return {"": False, OUTBOX_HEALTH_NAME: False}
+        relay_runs = relay is None or relay.is_alive()
+        return {"": True, OUTBOX_HEALTH_NAME: relay_runs and age < max_age_seconds}
 
     return probe
 
@@ -359,12 +343,10 @@ def start_service(definition: ServiceDefinition, settings: ServiceSettings) -> R
             settings.service_name,
         )
         relay.start()
-    outbox = OutboxProbe(
-        event_source(settings.service_name), settings.outbox.max_age_seconds, relay
+    probe = service_health(
+        engine, event_source(settings.service_name), settings.outbox.max_age_seconds, relay
     )
-    monitor = HealthWatch(
-        service_health(engine, outbox), server.report, settings.health_check_interval_seconds
-    )
+    monitor = HealthWatch(probe, server.report, settings.health_check_interval_seconds)
     monitor.start()
     DB_CONNECTIONS_IN_USE.set_function(engine.pool.checkedout)  # type: ignore[attr-defined]
     metrics = MetricsEndpoint(settings.metrics_host, settings.metrics_port)

@@ -387,12 +387,12 @@ def test_containers_run_as_non_root_users_that_can_read_their_secrets(
 
 
 def certificate_names(identity: str) -> tuple[set[str], set[str]]:
-    """The DNS names and IP addresses of a certificate `make certs` made (skip when none)."""
+    """The DNS names and IP addresses of a certificate `make certs` made (`make test` makes
+    them before the suite runs)."""
     from cryptography import x509
 
     path = REPO / ".local/certs" / f"{identity}.crt"
-    if not path.is_file():
-        pytest.skip("no certificates: run `make certs`")
+    assert path.is_file(), f"no {path}: run `make certs`"
     names = x509.load_pem_x509_certificate(path.read_bytes()).extensions.get_extension_for_class(
         x509.SubjectAlternativeName
     )
