@@ -22,6 +22,13 @@ trust_domain=ecommerce.local
 # (Kafka super user: topics and ACLs) and a client for people (grpcurl, scripts).
 identities=(user_service order_service processor dlq_replay kafka admin client)
 
+if ! command -v openssl >/dev/null; then
+  echo "certs.sh: installing openssl from Debian's packages" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq openssl >/dev/null
+fi
+
 if [ "${1:-}" = "renew" ]; then
   rm -rf "$dir"
 fi
