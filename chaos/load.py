@@ -1,4 +1,5 @@
-"""A steady, bounded CreateOrder load, retrying each request with its request_id like a careful
+"""A steady, bounded CreateOrder load spread over the replicas of order_service (round-robin per
+call; a retry goes to the next replica), retrying each request with its request_id like a careful
 client, and recording what was acknowledged and every failed attempt's status code."""
 
 from __future__ import annotations
@@ -15,8 +16,22 @@ import grpc
 from ecommerce.v1 import orders_pb2, orders_pb2_grpc
 from google.type import money_pb2
 
-from servicekit.local_credentials import admin_channel
+from servicekit.local_credentials import tls_of, token
 from servicekit.retry import TRANSIENT_CODES, retry_delay
+from servicekit.tls import open_channel
+
+# The certificates name 127.0.0.1 and localhost, not a network namespace's address: a replica
+# there is checked against this name.
+SERVER_NAME = "localhost"
+# A RetryInfo delay is honoured up to this: a pipeline catching up on minutes of backlog asks for
+# minutes, and the load must stay bounded in time.
+MAX_RETRY_DELAY_SECONDS = 5.0
+
+
+def admin_channel_to(address: str) -> grpc.Channel:
+    """As the operator, to a replica at `address` (loopback or a namespace's)."""
+    return open_channel(address, tls_of("client"), token(), server_identity=SERVER_NAME)
+
 
 # Mixed outcomes under the default rule: two processed, two failed.
 AMOUNTS = (
@@ -37,13 +52,17 @@ class LoadResult:
 class OrderLoad:
     def __init__(
         self,
-        address: str,
+        addresses: list[str],
         user_ids: list[str],
         total: int,
         workers: int = 8,
         time_limit: float = 600.0,
+        rate: float | None = None,
     ) -> None:
-        self._address = address
+        """`rate`: orders started per second at most (paced), or as fast as the workers go."""
+        self._addresses = addresses
+        self._rate = rate
+        self._started = time.monotonic()
         self._user_ids = user_ids
         self._total = total
         self._workers = workers
@@ -70,25 +89,36 @@ class OrderLoad:
             return len(self.result.acknowledged)
 
     def _work(self) -> None:
-        with admin_channel(self._address) as channel:
-            stub = orders_pb2_grpc.OrderServiceStub(channel)
+        channels = [admin_channel_to(address) for address in self._addresses]
+        stubs = [orders_pb2_grpc.OrderServiceStub(channel) for channel in channels]
+        try:
             while time.monotonic() < self._deadline:
                 number = next(self._numbers)
                 if number >= self._total:
                     return
+                if self._rate:
+                    due = self._started + number / self._rate
+                    time.sleep(max(0.0, min(due, self._deadline) - time.monotonic()))
                 request = orders_pb2.CreateOrderRequest(
                     user_id=self._user_ids[number % len(self._user_ids)],
                     amount=AMOUNTS[number % len(AMOUNTS)],
                     request_id=str(uuid.uuid4()),
                 )
-                self._place(stub, request)
+                self._place(stubs, number, request)
+        finally:
+            for channel in channels:
+                channel.close()
 
     # CANCELLED counts as transient too: a stopping server cancels calls it has not started.
     def _place(
-        self, stub: orders_pb2_grpc.OrderServiceStub, request: orders_pb2.CreateOrderRequest
+        self,
+        stubs: list[orders_pb2_grpc.OrderServiceStub],
+        number: int,
+        request: orders_pb2.CreateOrderRequest,
     ) -> None:
         delay = 0.05
-        for _attempt in range(40):
+        for attempt in range(40):
+            stub = stubs[(number + attempt) % len(stubs)]
             try:
                 order = stub.CreateOrder(request, timeout=5)
             except grpc.RpcError as error:
@@ -97,7 +127,10 @@ class OrderLoad:
                     self.result.failed_attempts[code.name] += 1
                 if code not in TRANSIENT_CODES and code is not grpc.StatusCode.CANCELLED:
                     break
-                time.sleep(retry_delay(error) or random.uniform(0, delay))
+                asked = retry_delay(error)
+                time.sleep(
+                    min(asked, MAX_RETRY_DELAY_SECONDS) if asked else random.uniform(0, delay)
+                )
                 delay = min(delay * 2, 1.0)
                 continue
             with self._lock:

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
@@ -29,18 +30,23 @@ class ServiceProcess:
         env: dict[str, str],
         port: int = 0,
         log_path: Path | None = None,
+        command_prefix: Sequence[str] = (),
+        host: str = "127.0.0.1",
     ) -> None:
+        """`command_prefix`: what runs the module (`ip netns exec NAME`, which execs it, so the
+        PID stays the service's own); `host`: where it listens and callers reach it."""
         self._log_file = log_path.open("a") if log_path else None
         self.module = module
         # The latest lines only: a long run under load logs a line per RPC.
         self.log_lines: deque[dict[str, object]] = deque(maxlen=10_000)
         self._serving = threading.Event()
         self.port = 0
+        self.host = host
         if module in DATABASE_ROLES and "DATABASE_URL" in env:
             # The same database, as the service's own role, as it is deployed.
             env = {**env, "DATABASE_URL": role_url(env["DATABASE_URL"], module)}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", module],
+            [*command_prefix, sys.executable, "-m", module],
             cwd=REPO,
             env={"SHUTDOWN_GRACE_SECONDS": "5", **os.environ, **env, port_variable: str(port)},
             stderr=subprocess.PIPE,
@@ -68,7 +74,7 @@ class ServiceProcess:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def terminate(self) -> None:
         self.process.send_signal(signal.SIGTERM)

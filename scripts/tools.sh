@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the pinned command-line tools (grpcurl, buf; ghz with --with-ghz) into .local/bin with
-# `go install`, and Prometheus with promtool from Debian's packages when missing.
+# `go install`, and Prometheus with promtool and iptables from Debian's packages when missing.
 # Skips a tool whose pinned version is already there.
 set -euo pipefail
 
@@ -31,6 +31,13 @@ if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+# iptables (Debian's package): the fault suite's network partitions (chaos/netns.py).
+if ! command -v iptables >/dev/null; then
+  echo "tools.sh: apt-get install iptables" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends iptables >/dev/null
 fi
 # The RPC load generator, for `make bench` only.
 if [ "${1:-}" = "--with-ghz" ]; then

@@ -16,8 +16,16 @@ from servicekit.settings import SettingsError, TlsSettings
 from servicekit.tls import open_channel
 
 
-def is_serving(address: str, tls: TlsSettings, service: str = "", timeout: float = 3.0) -> bool:
-    with open_channel(address, tls) as channel:
+def is_serving(
+    address: str,
+    tls: TlsSettings,
+    service: str = "",
+    timeout: float = 3.0,
+    server_identity: str | None = None,
+) -> bool:
+    """`server_identity`: the name the server's certificate must carry, when `address` is not
+    one it names (an address of a network namespace)."""
+    with open_channel(address, tls, server_identity=server_identity) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
