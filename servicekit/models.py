@@ -112,3 +112,5 @@ class OutboxEventRecord(Base):
     create_time: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now()
     )
+    # The W3C traceparent of the call that wrote the event: its trace goes on through Kafka.
+    traceparent: Mapped[str | None] = mapped_column(Text, nullable=True)
