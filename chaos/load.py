@@ -58,10 +58,13 @@ class OrderLoad:
         workers: int = 8,
         time_limit: float = 600.0,
         rate: float | None = None,
+        paced_from: int = 0,
     ) -> None:
-        """`rate`: orders started per second at most (paced), or as fast as the workers go."""
+        """`rate`: orders started per second from order number `paced_from` on (the ones before
+        go as fast as the workers go, as all do without a rate)."""
         self._addresses = addresses
         self._rate = rate
+        self._paced_from = paced_from
         self._started = time.monotonic()
         self._user_ids = user_ids
         self._total = total
@@ -96,8 +99,8 @@ class OrderLoad:
                 number = next(self._numbers)
                 if number >= self._total:
                     return
-                if self._rate:
-                    due = self._started + number / self._rate
+                if self._rate and number >= self._paced_from:
+                    due = self._started + (number - self._paced_from) / self._rate
                     time.sleep(max(0.0, min(due, self._deadline) - time.monotonic()))
                 request = orders_pb2.CreateOrderRequest(
                     user_id=self._user_ids[number % len(self._user_ids)],

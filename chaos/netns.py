@@ -107,14 +107,6 @@ class Namespace:
         for rule in self._cut.pop(port, []):
             _run(*self.exec_prefix, "iptables", "-D", *rule)
 
-    def degrade(self, delay_ms: int, loss_percent: float) -> None:
-        """Delay and loss on everything leaving the namespace (tc netem on the inner veth)."""
-        _run(*self.exec_prefix, "tc", "qdisc", "replace", "dev", self.inner_link, "root",
-             "netem", "delay", f"{delay_ms}ms", "loss", f"{loss_percent:g}%")  # fmt: skip
-
-    def restore(self) -> None:
-        _run(*self.exec_prefix, "tc", "qdisc", "del", "dev", self.inner_link, "root", check=False)
-
     def destroy(self) -> None:
         """Removes the namespace (with its veth pair and inner rules) and the host rules; safe to
         call twice and after a partial create."""

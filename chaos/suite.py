@@ -38,7 +38,8 @@ class Fault:
 
     inject: Injection
     isolated: bool = False  # runs ISOLATED in a network namespace (root, ip, iptables)
-    load_seconds: float | None = None  # spread the orders over this long instead of at once
+    # The orders after the first third (placed before the fault) spread over this long.
+    load_seconds: float | None = None
 
 
 @dataclass
@@ -205,7 +206,7 @@ FAULTS: dict[str, Fault | Injection] = {
     "SIGTERM processor": sigterm("processor"),
     "partition order_service ↔ PostgreSQL 20 s": Fault(partition("PostgreSQL", 20), isolated=True),
     "partition order_service ↔ Kafka 20 s": Fault(partition("Kafka", 20), isolated=True),
-    "Kafka away 5 minutes under load": Fault(kafka_away(300), load_seconds=360),
+    "Kafka away 5 minutes under load": Fault(kafka_away(300), load_seconds=300),
     "kill -9 one Kafka broker of 3": kafka_broker_killed,
 }
 PROFILES = {
@@ -300,12 +301,17 @@ def time_to_process_a_new_order(stack: Stack, engine: Engine, user_id: str, sinc
 def run_fault(chaos: Chaos, user_ids: list[str], name: str, orders: int) -> FaultOutcome:
     stack, engine, plan = chaos.stack, chaos.engine, fault(name)
     user_ids = user_ids + create_users(stack, 4)  # UserCreated through each replica, each fault
-    rate = orders / plan.load_seconds if plan.load_seconds else None
+    before = orders // 3
     load = OrderLoad(
-        stack.addresses("order_service"), user_ids, total=orders, time_limit=900, rate=rate
+        stack.addresses("order_service"),
+        user_ids,
+        total=orders,
+        time_limit=900,
+        rate=(orders - before) / plan.load_seconds if plan.load_seconds else None,
+        paced_from=before,
     )
     load.start()
-    wait_until(lambda: load.acknowledged_count >= orders // 3, timeout=300)
+    wait_until(lambda: load.acknowledged_count >= before, timeout=300)
     injected = time.monotonic()
     note = plan.inject(chaos)
     recovery = time_to_process_a_new_order(stack, engine, user_ids[0], since=injected)
