@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from bench.costs import HealthCheckCost, WindowCosts
 from bench.counters import is_request_path_write, mentions_notify
 from bench.pipeline import BacklogProbe, Probe, Window, is_flat
+from bench.tracing_cost import EXPORTED, RECORDED, TracingRounds
 
 MAX_COST_RATIO = 7.0
 MIN_SUSTAINED_SHARE = 0.6
@@ -233,3 +234,15 @@ def tls_cost(ratios: dict[str, float]) -> Figure:
     """RPC/s over mutual TLS ÷ RPC/s in plaintext, per RPC (bench.run.run_tls_cost)."""
     measured = ", ".join(f"{name} {ratio:.2f}" for name, ratio in ratios.items())
     return Figure("9. RPC/s with mutual TLS ÷ plaintext", measured, "reported", None)
+
+
+def tracing_cost(rounds: TracingRounds, spans_exported: int) -> Figure:
+    """CreateOrder RPC/s with tracing ÷ without, medians of same-round ratios."""
+    measured = (
+        f"exported (OTLP) {rounds.median_ratio(EXPORTED):.2f},"
+        f" recorded, not exported (the default) {rounds.median_ratio(RECORDED):.2f}"
+        f" ({spans_exported} spans exported)"
+    )
+    return Figure(
+        "10. CreateOrder RPC/s with tracing ÷ OTEL_SDK_DISABLED", measured, "reported", None
+    )

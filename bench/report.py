@@ -10,6 +10,7 @@ from bench.counters import is_request_path_write, mentions_notify
 from bench.figures import Figure, table
 from bench.ghz import RpcFigures
 from bench.pipeline import Probe, Window
+from bench.tracing_cost import OFF, TracingRounds
 
 TLS_HEADER = [
     "Mutual TLS against plaintext (GRPC_INSECURE=true), closed loop (ghz), same order_service"
@@ -26,6 +27,26 @@ def tls_row(name: str, concurrency: int, tls: RpcFigures, clear: RpcFigures) -> 
         f"| {name} | {concurrency} | {tls.rps:.0f} | {clear.rps:.0f} | {tls.rps / clear.rps:.2f}"
         f" | {tls.p50_ms:.1f} | {clear.p50_ms:.1f} | {tls.p99_ms:.1f} | {clear.p99_ms:.1f} |"
     )
+
+
+def tracing_rows(rounds: TracingRounds, concurrency: int, spans_exported: int) -> list[str]:
+    """CreateOrder per tracing variant, round by round (bench.tracing_cost)."""
+    lines = [
+        f"Tracing (OpenTelemetry) on and off, CreateOrder closed loop (ghz) at c={concurrency},"
+        " three order_service twins on one database, the variants alternated in each round;"
+        f" exported: OTLP/gRPC to a sink in the bench process ({spans_exported} spans received):",
+        "",
+        "| round | variant | RPC/s | ÷ off, same round | p50 ms | p99 ms |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    off = rounds.by_variant[OFF]
+    for variant, measured in rounds.by_variant.items():
+        for number, (figures, reference) in enumerate(zip(measured, off, strict=True), 1):
+            lines.append(
+                f"| {number} | {variant} | {figures.rps:.0f} | {figures.rps / reference.rps:.2f}"
+                f" | {figures.p50_ms:.1f} | {figures.p99_ms:.1f} |"
+            )
+    return lines
 
 
 RPC_HEADER = [

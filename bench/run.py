@@ -50,6 +50,7 @@ from bench.figures import Figure
 from bench.ghz import RpcFigures, ghz, ghz_path
 from bench.pipeline import Pipeline, PipelineStuck, SweepPlan, sweep
 from bench.proc import checkouts, peak_rss_mb
+from bench.tracing_cost import OtlpSink, TracingRounds, variant_env
 from chaos.processes import REPO
 from chaos.stack import Stack
 from servicekit.local_credentials import admin_channel, tls_of
@@ -128,6 +129,7 @@ _PGBENCH_VALUES = {
     "outbox_types": "ARRAY['ecommerce.events.v1.OrderCreated']",
     "outbox_sources": "ARRAY['/bench']",
     "outbox_times": "ARRAY[now()]",
+    "outbox_traceparents": "ARRAY[NULL::text]",
 }
 
 
@@ -390,6 +392,37 @@ def run_tls_cost(run: Run, create_only: Stack, user_id: str) -> None:
     run.figures.append(figures.tls_cost(ratios))
 
 
+TRACING_ROUNDS = 3
+
+
+def run_tracing_cost(run: Run, user_id: str) -> None:
+    """What tracing costs: CreateOrder on three order_service twins of the CreateOrder-only stack
+    (same database), tracing off, on as shipped, and exporting; the variants alternate within
+    each round, and each ratio is the median of its rounds'."""
+    sink = OtlpSink()
+    twins = {
+        name: Stack(extra_env={**CREATE_ONLY_ENV, **env}, database_url=CREATE_ONLY_DATABASE_URL)
+        for name, env in variant_env(sink).items()
+    }
+    concurrency, seconds = max(run.profile.concurrency), run.profile.rpc_seconds
+    rounds = TracingRounds()
+    try:
+        for twin in twins.values():
+            twin.start("order_service")
+        with run.part("tracing on against off"):
+            for _ in range(TRACING_ROUNDS):
+                for name, twin in twins.items():
+                    address = twin.address("order_service")
+                    data = create_order_request(user_id)
+                    rounds.add(name, ghz(address, CREATE_ORDER, data, concurrency, seconds))
+    finally:
+        for twin in twins.values():
+            twin.stop_all()
+        sink.stop()
+    run.sections.append(report.tracing_rows(rounds, concurrency, sink.spans))
+    run.figures.append(figures.tracing_cost(rounds, sink.spans))
+
+
 def run_pipeline(run: Run, stack: Stack, reference: Callable[[], float]) -> None:
     pipeline = Pipeline(stack)
     database = DatabaseCounters(stack.database_url)
@@ -495,6 +528,7 @@ def run_all(profile: Profile, skip: set[str]) -> Run:
             create_only.start("order_service")
         user_id = run_rpcs(run, create_only)
         run_tls_cost(run, create_only, user_id)
+        run_tracing_cost(run, user_id)
         if "pipeline" not in skip:
             run_pipeline(run, pipeline_stack, create_only_rate(create_only, user_id, profile))
         if "data" not in skip:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent import futures
@@ -24,6 +25,7 @@ from servicekit.metrics import MetricsEndpoint
 from servicekit.server import Endpoint, GrpcServer, HealthWatch, install_stop_signals
 from servicekit.settings import SettingsError
 from servicekit.tls import open_channel
+from servicekit.tracing import start_tracing
 
 log = logging.getLogger("processor")
 HEALTH_SERVICE_NAME = "ecommerce.processor"
@@ -42,25 +44,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> ProcessorSettings:
     return ProcessorSettings.from_env(env)
 
 
-def main() -> None:
-    try:
-        settings = load_settings()
-    except SettingsError as error:
-        sys.exit(f"configuration error: {error}")
-    configure_logging("processor", settings.log_level)
-    stop = install_stop_signals()
-
-    # Every client is made here, in the process that uses it (none survives a fork).
-    health = GrpcServer(
-        Endpoint(
-            name=HEALTH_SERVICE_NAME,
-            host=settings.listen_host,
-            port=settings.health_port,
-            tls=settings.tls,
-            reflection=settings.reflection_enabled,
-        ),
-        futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
-    )
+def open_processor(
+    settings: ProcessorSettings, stop: threading.Event
+) -> tuple[OrderEventProcessor, Callable[[], None]]:
+    """The consume loop and its clients (Kafka, the DLQ, the callback channel), made in the
+    process that uses them; the callable closes the clients once the loop has returned."""
     consumer = Consumer(consumer_config(settings.kafka, settings.group_id))
     consumer.subscribe([settings.kafka.orders_topic], on_revoke=commit_on_revoke)
     dead_letters = DeadLetterQueue(settings.kafka, settings.group_id)
@@ -78,6 +66,36 @@ def main() -> None:
         batch_size=settings.batch_size,
         batch_linger_seconds=settings.batch_linger_seconds,
     )
+
+    def close() -> None:
+        consumer.close()  # commits nothing more: run() committed what was applied
+        dead_letters.close()
+        channel.close()
+
+    return processor, close
+
+
+def main() -> None:
+    try:
+        settings = load_settings()
+    except SettingsError as error:
+        sys.exit(f"configuration error: {error}")
+    configure_logging("processor", settings.log_level)
+    start_tracing("processor", settings.tracing)
+    stop = install_stop_signals()
+
+    # Every client is made here, in the process that uses it (none survives a fork).
+    health = GrpcServer(
+        Endpoint(
+            name=HEALTH_SERVICE_NAME,
+            host=settings.listen_host,
+            port=settings.health_port,
+            tls=settings.tls,
+            reflection=settings.reflection_enabled,
+        ),
+        futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
+    )
+    processor, close_clients = open_processor(settings, stop)
     watch = HealthWatch(
         consumer_health(lambda: processor.last_progress, settings.stall_seconds),
         health.report,
@@ -100,9 +118,7 @@ def main() -> None:
     finally:
         watch.stop()
         health.report("", False)
-        consumer.close()  # commits nothing more: run() committed what was applied
-        dead_letters.close()
-        channel.close()
+        close_clients()
         health.stop(grace_seconds=1)
         metrics.stop()
     log.info("stopped", extra={"fields": {"handled": processor.handled}})

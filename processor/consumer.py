@@ -22,6 +22,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from ecommerce.events.v1 import events_pb2
 from ecommerce.v1 import orders_pb2, orders_pb2_grpc
 from google.protobuf.message import DecodeError
+from opentelemetry import trace
+from opentelemetry.trace import Span
 
 from processor.rules import OrderRule
 from servicekit.errors import status_code
@@ -29,6 +31,7 @@ from servicekit.kafka import copy_and_wait, header, headers_without, position, p
 from servicekit.metrics import CONSUMER_LAG, DEAD_LETTERS, PROCESSOR_OUTCOMES
 from servicekit.retry import TRANSIENT_CODES, call_with_retry
 from servicekit.settings import KafkaSettings
+from servicekit.tracing import TRACEPARENT, consuming, for_many
 
 log = logging.getLogger("processor")
 
@@ -222,21 +225,40 @@ class OrderEventProcessor:
     def _handle_batch(self, batch: list[Message]) -> set[int]:
         """Carries out each message's decision; returns the indexes (in `batch`) of the messages
         that were handled (not to be read again)."""
-        decisions = [self._decide(message) for message in batch]
-        settled = self._settle(
-            {index: d.change for index, d in enumerate(decisions) if isinstance(d, Settle)}
-        )
-        handled = set()
-        for index, decision in enumerate(decisions):
-            result = settled.get(index, decision)
-            PROCESSOR_OUTCOMES.labels(_outcome(decision, result)).inc()
-            if isinstance(result, RetryLater):
-                continue
-            if isinstance(result, DeadLetter):
-                DEAD_LETTERS.labels(result.reason).inc()
-                self._dead_letters.send(batch[index], result)
-            handled.add(index)
-        return handled
+        spans = [consuming(position(m).topic, header(m.headers(), TRACEPARENT)) for m in batch]
+        try:
+            decisions = [self._decide(message) for message in batch]
+            settled = self._settle_batch(decisions, spans)
+            handled = set()
+            for index, decision in enumerate(decisions):
+                with trace.use_span(spans[index]):
+                    if self._apply(batch[index], decision, settled.get(index, decision)):
+                        handled.add(index)
+            return handled
+        finally:
+            for span in spans:
+                span.end()
+
+    def _settle_batch(self, decisions: list[Decision], spans: list[Span]) -> dict[int, Result]:
+        changes = {index: d.change for index, d in enumerate(decisions) if isinstance(d, Settle)}
+        if not changes:
+            return {}
+        # One callback for the batch: its span continues the first event's trace and links every
+        # event's; each event's own log lines are written in its own trace (_handle_batch).
+        with for_many("settle orders", [spans[index] for index in changes]):
+            return self._settle(changes)
+
+    def _apply(self, message: Message, decision: Decision, result: Result | Decision) -> bool:
+        """Records what became of one message; whether it was handled (not to be read again)."""
+        PROCESSOR_OUTCOMES.labels(_outcome(decision, result)).inc()
+        if isinstance(result, RetryLater):
+            return False
+        if isinstance(result, DeadLetter):
+            DEAD_LETTERS.labels(result.reason).inc()
+            self._dead_letters.send(message, result)
+        elif isinstance(decision, Settle):
+            _log_settled(decision.change)
+        return True
 
     def _decide(self, message: Message) -> Decision:
         event_type = header(message.headers(), "ce_type")
@@ -313,10 +335,9 @@ class OrderEventProcessor:
             outcomes.update(dict.fromkeys(pending, failed))
             return []
         retry = []
-        for (order_id, change), result in zip(pending.items(), response.results, strict=True):
+        for order_id, result in zip(pending, response.results, strict=True):
             if result.HasField("order"):
                 outcomes[order_id] = DONE
-                _log_processed(change)
                 continue
             code = status_code(result.error.code)
             if code in RETRYABLE_CODES and self._stop.is_set():
@@ -387,7 +408,8 @@ EVENT_HANDLERS: dict[str, EventHandler] = {
 }
 
 
-def _log_processed(change: orders_pb2.UpdateOrderStatusRequest) -> None:
+def _log_settled(change: orders_pb2.UpdateOrderStatusRequest) -> None:
+    """One line per settled event, in the trace of the order's creation."""
     log.info(
         "order processed",
         extra={

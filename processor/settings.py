@@ -18,6 +18,7 @@ from servicekit.settings import (
     env_text,
     parse_log_level,
 )
+from servicekit.tracing import TracingSettings
 
 
 def _currencies(env: Mapping[str, str]) -> frozenset[str]:
@@ -69,6 +70,7 @@ class ProcessorSettings:
     stall_seconds: float
     metrics_host: str
     metrics_port: int
+    tracing: TracingSettings
 
     @classmethod
     def from_env(
@@ -99,4 +101,5 @@ class ProcessorSettings:
             stall_seconds=env_float(env, "PROCESSOR_STALL_SECONDS", 30.0),
             metrics_host=env_text(env, "METRICS_HOST", "127.0.0.1"),
             metrics_port=env_int(env, "METRICS_PORT", 51053),
+            tracing=TracingSettings.from_env(env),
         )

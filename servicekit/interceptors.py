@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import psycopg2
+from opentelemetry.trace import Span
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
@@ -30,6 +31,7 @@ from servicekit.errors import (
 from servicekit.metrics import RPC_SECONDS, RPCS
 from servicekit.tls import peer_workload
 from servicekit.tokens import TokenVerifier
+from servicekit.tracing import rpc_ended, served_rpc
 
 log = logging.getLogger("servicekit.rpc")
 
@@ -53,7 +55,8 @@ _DATABASE_UNREACHABLE = (
 
 class RpcBoundary(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Around each unary RPC of the service: authenticates the caller and applies the method's
-    access rule, maps domain errors to gRPC statuses, and writes one JSON access-log line.
+    access rule, maps domain errors to gRPC statuses, writes one JSON access-log line, and makes
+    the call's server span (continuing the caller's trace).
 
     The handlers stay synchronous and run on `workers` once the request has arrived; the event
     loop only waits for them, so it notices at once when a call ends early (deadline, cancel)
@@ -115,6 +118,18 @@ class RpcBoundary(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     async def _observe(
         self, call: _Call, behavior: Callable[[Any, Any], Any], request: Any, context: Any
     ) -> Any:
+        # Current in this task, so also in the worker (its context is a copy of this one).
+        with served_rpc(call.method, context.invocation_metadata()) as span:
+            return await self._run(call, behavior, request, context, span)
+
+    async def _run(
+        self,
+        call: _Call,
+        behavior: Callable[[Any, Any], Any],
+        request: Any,
+        context: Any,
+        span: Span,
+    ) -> Any:
         started = time.perf_counter()
         scope = CallScope(context)
         caller: list[Caller] = []  # set by the worker once the caller is known
@@ -122,6 +137,7 @@ class RpcBoundary(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         def log_outcome(code: grpc.StatusCode) -> None:
             # Before the status is sent: whoever sees the status can read the line.
             known = caller[0] if caller else None
+            rpc_ended(span, code)
             _log_rpc(call.method, code, started, request, known, scope.log_fields)
 
         try:

@@ -1,4 +1,5 @@
-"""One JSON object per log line, with the structured fields passed in `extra={"fields": {...}}`."""
+"""One JSON object per log line, with the structured fields passed in `extra={"fields": {...}}`
+and, within a trace, the ids of the current span (trace_id, span_id)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import logging
 import sys
 from datetime import UTC, datetime
 from typing import Any
+
+from servicekit.tracing import log_fields
 
 
 class JsonFormatter(logging.Formatter):
@@ -21,6 +24,7 @@ class JsonFormatter(logging.Formatter):
             "service": self._service_name,
             "logger": record.name,
             "message": record.getMessage(),
+            **log_fields(),
         }
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):

@@ -33,6 +33,7 @@ from psycopg2.extensions import cursor as Cursor
 from sqlalchemy import Engine
 
 from servicekit.call_scope import CallScope
+from servicekit.tracing import database_statement
 
 Params = Mapping[str, object]
 Row = tuple[Any, ...]
@@ -97,7 +98,12 @@ class Database:
 
     @contextmanager
     def _cursor(self, sql: str | Statement, params: Params) -> Iterator[Cursor]:
-        with self._connection() as (connection, prepared), connection.cursor() as cursor:
+        text = sql.sql if isinstance(sql, Statement) else sql
+        with (
+            database_statement(text),
+            self._connection() as (connection, prepared),
+            connection.cursor() as cursor,
+        ):
             if isinstance(sql, Statement):
                 sql.run(cursor, params, prepared)
             else:

@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 
 from servicekit.settings import SettingsError, TlsSettings
+from servicekit.tracing import TracedCalls
 
 TRUST_DOMAIN = "ecommerce.local"
 _SPIFFE_PREFIX = f"spiffe://{TRUST_DOMAIN}/"
@@ -52,7 +53,8 @@ def open_channel(
     """A channel to `address` presenting this process's certificate and, on every call, the
     bearer `token` if given (plaintext only when the settings say so, and only to loopback).
     With `server_identity`, the server's certificate must carry that name (as a DNS SAN, which
-    only that workload's certificate does), not just be signed by the CA."""
+    only that workload's certificate does), not just be signed by the CA. Each call has a client
+    span and sends its trace context."""
     if tls.insecure:
         tls.require_loopback(address, "the address called")
         channel = grpc.insecure_channel(address, options=options)
@@ -61,8 +63,8 @@ def open_channel(
             options = [*options, ("grpc.ssl_target_name_override", server_identity)]
         channel = grpc.secure_channel(address, channel_credentials(tls), options=options)
     if token is None:
-        return channel
-    return grpc.intercept_channel(channel, BearerToken(token))
+        return grpc.intercept_channel(channel, TracedCalls())
+    return grpc.intercept_channel(channel, TracedCalls(), BearerToken(token))
 
 
 class BearerToken(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
