@@ -152,9 +152,22 @@ def _create(admin: AdminClient, topics: Iterable[NewTopic]) -> list[str]:
     return pending
 
 
+def relay_transactional_id(settings: KafkaSettings, service_name: str) -> str:
+    """The `transactional.id` shared by the outbox relays of a service: the one that leads fences
+    the producers of earlier leaders (servicekit.outbox). Named after the topic the service
+    writes, so deployments sharing a cluster (and test runs) never fence each other."""
+    return f"{own_topic(settings, service_name)}.relay"
+
+
+def own_topic(settings: KafkaSettings, service_name: str) -> str:
+    """The topic a service publishes its events to."""
+    topics = {"order_service": settings.orders_topic, "user_service": settings.users_topic}
+    return topics[service_name]
+
+
 @dataclass(frozen=True)
 class Grant:
-    """Operations a principal may perform on one topic or consumer group."""
+    """Operations a principal may perform on one topic, consumer group or transactional id."""
 
     principal: str  # the CN of its certificate
     resource: ResourceType
@@ -167,13 +180,22 @@ _CONSUME = (AclOperation.READ, AclOperation.DESCRIBE)
 
 
 def access_grants(settings: KafkaSettings, processor_group: str) -> list[Grant]:
-    """Who may do what on the broker: each service writes its own topic only; the processor reads
-    the orders topic in its group and writes only the DLQ; the DLQ replay (its own principal)
-    reads the DLQ and writes back to the orders topic. Everyone else is refused."""
-    topic, group = ResourceType.TOPIC, ResourceType.GROUP
+    """Who may do what on the broker: each service writes its own topic only, in transactions
+    of its relays' id; the processor reads the orders topic in its group and writes only the
+    DLQ; the DLQ replay (its own principal) reads the DLQ and writes back to the orders topic.
+    Everyone else is refused."""
+    topic, group, transactional_id = (
+        ResourceType.TOPIC,
+        ResourceType.GROUP,
+        ResourceType.TRANSACTIONAL_ID,
+    )
+    services = ("order_service", "user_service")
     return [
-        Grant("order_service", topic, settings.orders_topic, _PRODUCE),
-        Grant("user_service", topic, settings.users_topic, _PRODUCE),
+        *(Grant(name, topic, own_topic(settings, name), _PRODUCE) for name in services),
+        *(
+            Grant(name, transactional_id, relay_transactional_id(settings, name), _PRODUCE)
+            for name in services
+        ),
         Grant("processor", topic, settings.orders_topic, _CONSUME),
         Grant("processor", group, processor_group, _CONSUME),
         Grant("processor", topic, settings.orders_dlq_topic, _PRODUCE),

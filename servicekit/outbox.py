@@ -4,8 +4,9 @@ it. A crash anywhere loses nothing: unpublished rows are sent on the next start 
 consumers deduplicate by event id).
 
 Each service publishes the events it wrote (its CloudEvents source). Of its replicas exactly one
-relay publishes at a time (a PostgreSQL advisory lock elects it), so rows leave in id order and
-replicas never publish the same row concurrently. The leader polls: often while rows keep coming,
+relay publishes at a time (a PostgreSQL advisory lock elects it, a lease and Kafka transactions
+fence a leader that lost it: see OutboxRelay), so rows leave in id order and replicas never
+publish the same row concurrently. The leader polls: often while rows keep coming,
 less and less often while none do, and at once when a writer of its own process says it staged
 an event (`OutboxWakeUp`). A NOTIFY trigger would wake it without polling, but every notifying
 commit takes a database-wide lock held through commit, so notifying writers queue behind each
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from typing import Any, Protocol
 
 import psycopg2
 import psycopg2.extensions
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 from sqlalchemy import Engine, text
 
 from servicekit.db import libpq_dsn
@@ -39,6 +41,8 @@ log = logging.getLogger("servicekit.outbox")
 # 32-bit number unique to this use, the id the hash of the source.
 RELAY_LOCK_CLASS = 0x6F7574  # "out"
 _MAX_BACKOFF_SECONDS = 10.0
+# How long the leader waits on Kafka at a time before it speaks to the database again.
+_HEARTBEAT_SECONDS = 1.0
 # While events keep coming, the relay looks for more at least every this many lingers.
 _BUSY_POLLS_PER_LINGER = 4
 
@@ -177,7 +181,16 @@ def oldest_unpublished_age(engine: Engine, source: str) -> float:
 
 
 class OutboxRelay:
-    """A background thread that publishes the committed outbox rows of one source to Kafka."""
+    """A background thread that publishes the committed outbox rows of one source to Kafka.
+
+    Leadership is fenced twice. The database side is a lease: the leader's session ends when it
+    has been idle for `leader_lease_seconds` (`idle_session_timeout`), and the leader is never
+    idle that long (it polls and heartbeats more often), so a paused or cut-off leader loses the
+    lock within the lease, and it checks that its session still holds it before each commit. The
+    Kafka side: every batch is one transaction of the relays' shared `transactional.id`; a new
+    leader's producer starts by fencing the previous one, whose open transaction is aborted and
+    whose later commits fail, so a leader that wakes up after its lease publishes nothing that
+    read_committed consumers (the processor) see."""
 
     def __init__(
         self,
@@ -186,21 +199,24 @@ class OutboxRelay:
         outbox: OutboxSettings,
         source: str,
         client_id: str,
+        transactional_id: str,
     ) -> None:
         self._dsn = libpq_dsn(database_url)
         self._kafka = kafka
         self._outbox = outbox
         self._source = source
         self._client_id = client_id
+        self._transactional_id = transactional_id
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="outbox-relay", daemon=True)
         self.published = 0  # events acknowledged by the broker, for logs and tests
+        self.interruptions = 0  # times the relay had to start over
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finishes the batch in hand (its deliveries are awaited), then returns."""
+        """Finishes the batch in hand (its transaction is committed), then returns."""
         self._stopped.set()
         wake_up.events_staged()
         self._thread.join(timeout)
@@ -210,32 +226,22 @@ class OutboxRelay:
 
     def _run(self) -> None:
         """Supervises the relay: whatever interrupts it, it starts over after a backoff, with a
-        new producer when the old one can no longer be used (librdkafka's fatal errors)."""
-        # The producer is made in this thread, after any fork of the hosting process, and
-        # inside the supervision: failing to make one is retried like the rest.
-        producer: Producer | None = None
+        new session and a new producer (after a fatal librdkafka error the old one is unusable)."""
         backoff = 0.5
         while not self._stopped.is_set():
             try:
-                producer = producer or self._new_producer()
-                self._lead(producer)
+                self._lead()
                 backoff = 0.5
+                continue
             except (psycopg2.Error, KafkaException, PublishFailed) as error:
                 log.warning("outbox relay interrupted: %s", error, extra={"fields": {}})
-                PUBLISH_FAILURES.labels(self._source).inc()
-                if _is_fatal(error):
-                    producer = None
             except Exception:
                 # A bug, or a failure nobody foresaw: never the end of publishing.
                 log.exception("outbox relay failed; starting over", extra={"fields": {}})
-                PUBLISH_FAILURES.labels(self._source).inc()
-                producer = None
-            else:
-                continue
+            self.interruptions += 1
+            PUBLISH_FAILURES.labels(self._source).inc()
             self._stopped.wait(backoff)
             backoff = min(backoff * 2, _MAX_BACKOFF_SECONDS)
-        if producer is not None:
-            producer.flush(self._outbox.publish_timeout_seconds)
 
     def _new_producer(self) -> Producer:
         return Producer(
@@ -243,14 +249,33 @@ class OutboxRelay:
                 self._kafka,
                 self._client_id,
                 **{
+                    "transactional.id": self._transactional_id,
                     "message.timeout.ms": int(self._outbox.publish_timeout_seconds * 1000),
                     "linger.ms": 2,
                 },
             )
         )
 
-    def _lead(self, producer: Producer) -> None:
+    def _lead(self) -> None:
         """Publishes while this relay holds the leader lock; returns when it cannot get it."""
+        connection = self._connect()
+        try:
+            if not self._take_lock(connection):
+                self._stopped.wait(self._outbox.poll_interval_seconds)
+                return
+            # Made in this thread, after any fork of the hosting process, once per leadership.
+            producer = self._new_producer()
+            try:
+                # Fences the producers of earlier leaders: their open transaction is aborted.
+                self._retry_while_leading(connection, producer.init_transactions)
+                log.info("outbox relay leads", extra={"fields": {}})
+                self._publish_while_leading(connection, producer)
+            finally:
+                producer.close()
+        finally:
+            connection.close()  # also releases the advisory lock
+
+    def _connect(self) -> psycopg2.extensions.connection:
         connection = psycopg2.connect(
             self._dsn,
             connect_timeout=3,
@@ -261,28 +286,26 @@ class OutboxRelay:
             keepalives_interval=2,
             keepalives_count=3,
         )
-        try:
-            connection.autocommit = True
-            with connection.cursor() as cursor:
-                # A delete lost in a crash only means the event is published again, which
-                # consumers tolerate: the relay's cycle need not wait for the WAL flush.
-                cursor.execute("SET synchronous_commit = off")
-                # The other way round: a relay whose host vanished holds the leader lock until
-                # the server notices, within ~10 s, not when TCP gives up (hours); a statement
-                # that hangs ends.
-                cursor.execute(RELAY_SESSION_BOUNDS)
-                cursor.execute(
-                    "SELECT pg_try_advisory_lock(%s, hashtext(%s))",
-                    (RELAY_LOCK_CLASS, self._source),
-                )
-                (is_leader,) = cursor.fetchone() or (False,)
-            if not is_leader:
-                self._stopped.wait(self._outbox.poll_interval_seconds)
-                return
-            log.info("outbox relay leads", extra={"fields": {}})
-            self._publish_while_leading(connection, producer)
-        finally:
-            connection.close()  # also releases the advisory lock
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            # A delete lost in a crash only means the event is published again, which consumers
+            # tolerate: the relay's cycle need not wait for the WAL flush.
+            cursor.execute("SET synchronous_commit = off")
+            # The other way round: a relay whose host vanished, or that stopped talking (paused),
+            # loses its session and the lock within the lease; a statement that hangs ends.
+            cursor.execute(RELAY_SESSION_BOUNDS)
+            cursor.execute(
+                "SET idle_session_timeout = %s", (int(self._outbox.leader_lease_seconds * 1000),)
+            )
+        return connection
+
+    def _take_lock(self, connection: psycopg2.extensions.connection) -> bool:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (RELAY_LOCK_CLASS, self._source)
+            )
+            (is_leader,) = cursor.fetchone() or (False,)
+        return bool(is_leader)
 
     def _publish_while_leading(
         self, connection: psycopg2.extensions.connection, producer: Producer
@@ -303,8 +326,8 @@ class OutboxRelay:
                 else min(idle_wait * 2, self._outbox.poll_interval_seconds)
             )
             if wake_up.wait(idle_wait):
-                # Let the commits of a burst gather into one batch: one query, one produce
-                # request and one delete for many events instead of one each.
+                # Let the commits of a burst gather into one batch: one query, one transaction
+                # and one delete for many events instead of one each.
                 self._stopped.wait(self._outbox.linger_seconds)
 
     def _publish_batch(
@@ -319,67 +342,61 @@ class OutboxRelay:
             batch = [PendingEvent(*row) for row in cursor.fetchall()]
         if not batch:
             return 0
-        acknowledged, failures = _deliver(producer, batch, self._outbox.publish_timeout_seconds)
-        if acknowledged:
-            with connection.cursor() as cursor:
-                DELETE_PUBLISHED.run(cursor, {"ids": acknowledged}, prepared)
-            self.published += len(acknowledged)
-            EVENTS_PUBLISHED.labels(self._source).inc(len(acknowledged))
-        if failures:
-            raise PublishFailed(
-                f"{len(failures)} of {len(batch)} events not acknowledged: {failures[0]}",
-                fatal=any(failure.fatal() for failure in failures),
-            )
+        producer.begin_transaction()
+        for event in batch:
+            _produce(producer, event)
+        _still_leading(connection)  # a successor may publish these already: never commit twice
+        self._commit(connection, producer)
+        with connection.cursor() as cursor:
+            DELETE_PUBLISHED.run(cursor, {"ids": [event.id for event in batch]}, prepared)
+        self.published += len(batch)
+        EVENTS_PUBLISHED.labels(self._source).inc(len(batch))
         return len(batch)
+
+    def _commit(self, connection: psycopg2.extensions.connection, producer: Producer) -> None:
+        """Commits the batch's transaction (every message acknowledged by every in-sync replica),
+        or aborts it and raises PublishFailed: its rows stay and are published again."""
+        try:
+            self._retry_while_leading(connection, producer.commit_transaction)
+        except KafkaException as error:
+            if not _kafka_error(error).txn_requires_abort():
+                raise  # fatal (fenced by a newer leader) or Kafka gone too long: closing aborts
+            producer.abort_transaction(self._outbox.publish_timeout_seconds)
+            raise PublishFailed(f"transaction aborted: {error}") from error
+
+    def _retry_while_leading(
+        self, connection: psycopg2.extensions.connection, call: Callable[[float], None]
+    ) -> None:
+        """Calls `call(timeout)` again while Kafka times out, up to the publish timeout, keeping
+        the session (and so the lease) alive meanwhile and giving up once it is lost."""
+        deadline = time.monotonic() + self._outbox.publish_timeout_seconds
+        while True:
+            try:
+                call(_HEARTBEAT_SECONDS)
+                return
+            except KafkaException as error:
+                if not _kafka_error(error).retriable() or time.monotonic() > deadline:
+                    raise
+            _still_leading(connection)
 
 
 class PublishFailed(Exception):
     """Kafka did not acknowledge some events; they stay unpublished and are retried."""
 
-    def __init__(self, message: str, fatal: bool = False) -> None:
-        super().__init__(message)
-        self.fatal = fatal
+
+def _still_leading(connection: psycopg2.extensions.connection) -> None:
+    """Raises psycopg2.Error when the session that holds the leader lock has ended (lease run
+    out, partition): the lock went with it."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
 
 
-def _is_fatal(error: Exception) -> bool:
-    """Whether the producer must be replaced (librdkafka: a fatal error ends the instance)."""
-    if isinstance(error, PublishFailed):
-        return error.fatal
-    if isinstance(error, KafkaException) and error.args and isinstance(error.args[0], KafkaError):
-        return bool(error.args[0].fatal())
-    return False
+def _kafka_error(error: KafkaException) -> KafkaError:
+    reason = error.args[0] if error.args else None
+    return reason if isinstance(reason, KafkaError) else KafkaError(KafkaError._FAIL, str(error))
 
 
-def _deliver(
-    producer: Producer, batch: list[PendingEvent], timeout: float
-) -> tuple[list[int], list[KafkaError]]:
-    """Produces the batch in order and waits for every delivery report."""
-    acknowledged: list[int] = []
-    failures: list[KafkaError] = []
-
-    def report(row_id: int) -> Callable[[KafkaError | None, Message], None]:
-        def on_delivery(error: KafkaError | None, _message: Message) -> None:
-            if error is None:
-                acknowledged.append(row_id)
-            else:
-                failures.append(error)
-
-        return on_delivery
-
-    for event in batch:
-        _produce(producer, event, report(event.id))
-    # Every message times out within `timeout` at the latest, so this waits for every report.
-    remaining = producer.flush(timeout + 5)
-    if remaining:
-        failures.append(KafkaError(KafkaError._TIMED_OUT, f"{remaining} deliveries still pending"))
-    return acknowledged, failures
-
-
-def _produce(
-    producer: Producer,
-    event: PendingEvent,
-    on_delivery: Callable[[KafkaError | None, Message], None],
-) -> None:
+def _produce(producer: Producer, event: PendingEvent) -> None:
     while True:
         try:
             producer.produce(
@@ -389,8 +406,7 @@ def _produce(
                 headers=cloudevent_headers(
                     str(event.event_id), event.source, event.event_type, event.occur_time
                 ),
-                on_delivery=on_delivery,
             )
             return
         except BufferError:
-            producer.poll(0.1)  # the local queue is full: serve delivery reports, then retry
+            producer.poll(0.1)  # the local queue is full: let it drain, then retry

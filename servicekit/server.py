@@ -25,6 +25,7 @@ from servicekit.access import AccessTable
 from servicekit.db import create_db_engine
 from servicekit.interceptors import RpcBoundary
 from servicekit.jsonlog import configure_logging
+from servicekit.kafka import relay_transactional_id
 from servicekit.metrics import DB_CONNECTIONS_IN_USE, MetricsEndpoint
 from servicekit.outbox import OutboxRelay, event_source, oldest_unpublished_age
 from servicekit.settings import ServiceSettings, SettingsError, TlsSettings
@@ -341,6 +342,7 @@ def start_service(definition: ServiceDefinition, settings: ServiceSettings) -> R
             settings.outbox,
             event_source(settings.service_name),
             settings.service_name,
+            relay_transactional_id(settings.kafka, settings.service_name),
         )
         relay.start()
     probe = service_health(

@@ -208,10 +208,11 @@ class OutboxSettings:
     linger_seconds: float
     publish_timeout_seconds: float
     max_age_seconds: float
+    leader_lease_seconds: float
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> OutboxSettings:
-        return cls(
+        settings = cls(
             relay_enabled=env_bool(env, "OUTBOX_RELAY_ENABLED", True),
             batch_size=env_int(env, "OUTBOX_BATCH_SIZE", 500, minimum=1),
             poll_interval_seconds=env_float(env, "OUTBOX_POLL_INTERVAL_SECONDS", 0.25),
@@ -219,7 +220,16 @@ class OutboxSettings:
             publish_timeout_seconds=env_float(env, "OUTBOX_PUBLISH_TIMEOUT_SECONDS", 10.0),
             # Older than this, an unpublished event means publishing is stuck: health says so.
             max_age_seconds=env_float(env, "OUTBOX_MAX_AGE_SECONDS", 60.0),
+            # A leader silent this long (paused, partitioned) loses its session and the lock.
+            leader_lease_seconds=env_float(env, "OUTBOX_LEADER_LEASE_SECONDS", 10.0),
         )
+        # The leader speaks to the database at least every poll interval and heartbeat.
+        if settings.leader_lease_seconds < 2 * max(settings.poll_interval_seconds, 1.0):
+            raise SettingsError(
+                "OUTBOX_LEADER_LEASE_SECONDS must be at least twice"
+                " max(OUTBOX_POLL_INTERVAL_SECONDS, 1)"
+            )
+        return settings
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from ecommerce.v1 import orders_pb2_grpc, users_pb2, users_pb2_grpc
 from sqlalchemy import Engine, create_engine
 
 from order_service.service import DEFINITION as ORDER_SERVICE
-from servicekit.kafka import ensure_topics, grant_access, revoke_access
+from servicekit.kafka import ensure_topics, grant_access, relay_transactional_id, revoke_access
 from servicekit.local_credentials import (
     CERTS_ENV,
     admin_channel,
@@ -69,17 +69,18 @@ def service_settings(service_name: str, **env: str) -> ServiceSettings:
 def new_relay(
     service_name: str = "order_service",
     relay_class: type[OutboxRelay] = OutboxRelay,
-    **env: str,
+    env: dict[str, str] | None = None,
 ) -> OutboxRelay:
     """A relay of the service's events, as the service would run it (`relay_class`: one with a
     seam a test uses to inject a fault)."""
-    merged = {**TEST_ENV, **env}
+    merged = {**TEST_ENV, **(env or {})}
     return relay_class(
         as_role(TEST_DATABASE_URL, service_name),
         KafkaSettings.from_env(merged, tls_of(service_name)),
         OutboxSettings.from_env(merged),
         event_source(service_name),
         client_id=f"test-relay-{uuid.uuid4().hex[:6]}",
+        transactional_id=relay_transactional_id(KAFKA, service_name),
     )
 
 

@@ -335,7 +335,7 @@ def test_events_committed_while_kafka_is_down_are_published_when_it_is_back(
 ) -> None:
     relay.stop()
     # The only relay now sees no broker: it leads, fails to publish, keeps every row.
-    cut_off = new_relay(KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}")
+    cut_off = new_relay(env={"KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"})
     cut_off.start()
     try:
         placed = place_orders(orders, user.id, "USD", 20)

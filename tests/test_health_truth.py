@@ -1,10 +1,13 @@
 """Health that tells the truth: a relay that fails starts over by itself, the outbox component
 turns NOT_SERVING while events wait too long (and back), and the processor reports a stalled
-consumer loop."""
+consumer loop. A relay that lost leadership while paused, or whose producer was fenced, never
+publishes an event twice where consumers can see it."""
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
@@ -17,8 +20,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import Engine, text
 
 from chaos.processes import wait_until
+from chaos.topics import read_topic
 from order_service.service import DEFINITION as ORDER_SERVICE
 from processor.__main__ import consumer_health
+from servicekit.kafka import producer_config, relay_transactional_id
 from servicekit.local_credentials import admin_channel, tls_of
 from servicekit.outbox import OutboxRelay, event_source
 from servicekit.server import (
@@ -30,7 +35,7 @@ from servicekit.server import (
     start_service,
 )
 from servicekit.tls import open_channel
-from tests.conftest import RelayHandle, new_relay, service_settings
+from tests.conftest import KAFKA, RelayHandle, new_relay, service_settings
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -166,3 +171,75 @@ def test_a_stalled_consumer_loop_turns_the_processor_not_serving_and_back() -> N
     finally:
         watch.stop()
         server.stop(grace_seconds=1)
+
+
+def committed_event_ids(user_id: str) -> Counter[str]:
+    """How often each event keyed by `user_id` is in the orders topic, as the processor reads it
+    (read_committed: messages of aborted transactions are skipped)."""
+    seen: Counter[str] = Counter()
+    for record in read_topic(KAFKA, KAFKA.orders_topic):
+        if record.key == user_id.encode():
+            seen[record.header("ce_id") or ""] += 1
+    return seen
+
+
+def test_a_leader_silent_past_its_lease_is_fenced_and_a_successor_publishes_each_event_once(
+    relays_stopped: None,
+    user: users_pb2.User,
+    orders: orders_pb2_grpc.OrderServiceStub,
+    engine: Engine,
+) -> None:
+    """A paused leader (here: stuck between producing a batch and committing it) loses the lock
+    when its lease runs out; the successor's producer fences it, so what it produced is never
+    seen and its commit fails when it wakes up."""
+    paused, resumed = threading.Event(), threading.Event()
+
+    class RelayThatPausesBeforeItsFirstCommit(OutboxRelay):
+        def _commit(self, connection: Any, producer: Producer) -> None:
+            if not paused.is_set():
+                paused.set()
+                resumed.wait(60)
+            super()._commit(connection, producer)
+
+    lease = {"OUTBOX_LEADER_LEASE_SECONDS": "2", "OUTBOX_POLL_INTERVAL_SECONDS": "0.5"}
+    zombie = new_relay(relay_class=RelayThatPausesBeforeItsFirstCommit, env=lease)
+    zombie.start()
+    successor = new_relay(env=lease)
+    try:
+        place(orders, user.id, 5)
+        assert paused.wait(30)  # the zombie produced the batch, its transaction open
+        successor.start()
+        assert wait_until(lambda: unpublished_orders(engine) == 0, timeout=30)
+        resumed.set()
+        assert wait_until(lambda: zombie.interruptions >= 1, timeout=30)
+        assert zombie.published == 0 and zombie.is_alive()
+        seen = committed_event_ids(user.id)
+        assert len(seen) == 5 and set(seen.values()) == {1}, seen
+    finally:
+        resumed.set()
+        zombie.stop()
+        successor.stop()
+
+
+def test_a_leader_whose_producer_is_fenced_from_outside_carries_on_with_a_new_one(
+    relays_stopped: None,
+    user: users_pb2.User,
+    orders: orders_pb2_grpc.OrderServiceStub,
+    engine: Engine,
+) -> None:
+    """A fatal producer error, for real: another producer takes the relays' transactional id."""
+    relay = new_relay()
+    relay.start()
+    try:
+        place(orders, user.id, 2)
+        assert wait_until(lambda: unpublished_orders(engine) == 0, timeout=30)
+        relays_id = relay_transactional_id(KAFKA, "order_service")
+        intruder = Producer(producer_config(KAFKA, "intruder", **{"transactional.id": relays_id}))
+        intruder.init_transactions(30)  # the relay's producer is fenced from now on
+        place(orders, user.id, 3)
+        assert wait_until(lambda: unpublished_orders(engine) == 0, timeout=30)
+        assert relay.interruptions >= 1 and relay.is_alive()
+        seen = committed_event_ids(user.id)
+        assert len(seen) == 5 and set(seen.values()) == {1}, seen
+    finally:
+        relay.stop()
