@@ -90,7 +90,7 @@ class WindowCosts:
     statements: list[StatementCalls] | None  # None without pg_stat_statements
     commits: int  # xact_commit of the pipeline's database, less this bench's own queries
     sessions: int  # connections opened to the pipeline's database
-    kafka_records: int  # written to the orders topic
+    kafka_records: int  # written to the orders topic: events and the relay's transaction markers
 
     @property
     def orders(self) -> int:

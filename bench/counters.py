@@ -144,7 +144,8 @@ def statement_calls_between(
 
 
 class TopicOffsets:
-    """The sum of a topic's end offsets: records written to it so far."""
+    """The sum of a topic's end offsets: records written to it so far (a transaction's commit
+    marker is one per partition it wrote)."""
 
     def __init__(self, kafka: KafkaSettings, topic: str) -> None:
         self._topic = topic

@@ -98,7 +98,12 @@ def structural(costs: WindowCosts, tracks_nested: bool) -> list[Figure]:
             "-",
             None,
         ),
-        Figure("2. Kafka records per order", f"{costs.kafka_records / orders:.2f}", "-", None),
+        Figure(
+            "2. Kafka records per order (events + transaction markers)",
+            f"{costs.kafka_records / orders:.2f}",
+            "-",
+            None,
+        ),
     ]
     return figures
 

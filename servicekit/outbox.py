@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -30,10 +30,11 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from sqlalchemy import Engine, text
 
 from servicekit.db import libpq_dsn
-from servicekit.kafka import cloudevent_headers, producer_config
+from servicekit.kafka import Headers, cloudevent_headers, producer_config
 from servicekit.metrics import EVENTS_PUBLISHED, OUTBOX_OLDEST_AGE, PUBLISH_FAILURES
 from servicekit.settings import KafkaSettings, OutboxSettings
 from servicekit.sql import Statement
+from servicekit.tracing import TRACEPARENT, current_traceparent, publishing
 
 log = logging.getLogger("servicekit.outbox")
 
@@ -72,22 +73,27 @@ def event_source(service_name: str) -> str:
 
 @dataclass(frozen=True)
 class StagedEvent:
-    """An event to write to the outbox with the change it announces."""
+    """An event to write to the outbox with the change it announces, and the trace context of
+    the call staging it (its trace goes on through Kafka)."""
 
     topic: str
     key: str
     source: str
     event: Event
+    traceparent: str | None = field(default_factory=current_traceparent)
 
 
 # The staged events of a statement, as a table: one array parameter per outbox column.
 _STAGED = (
     "unnest(%(outbox_event_ids)s::uuid[], %(outbox_topics)s::text[], %(outbox_keys)s::text[],"
     " %(outbox_types)s::text[], %(outbox_sources)s::text[], %(outbox_payloads)s::bytea[],"
-    " %(outbox_times)s::timestamptz[]) WITH ORDINALITY"
-    " AS staged(event_id, topic, message_key, event_type, source, payload, occur_time, position)"
+    " %(outbox_times)s::timestamptz[], %(outbox_traceparents)s::text[]) WITH ORDINALITY"
+    " AS staged(event_id, topic, message_key, event_type, source, payload, occur_time,"
+    " traceparent, position)"
 )
-_OUTBOX_COLUMNS = "event_id, topic, message_key, event_type, source, payload, occur_time"
+_OUTBOX_COLUMNS = (
+    "event_id, topic, message_key, event_type, source, payload, occur_time, traceparent"
+)
 _STAGED_COLUMNS = ", ".join(f"staged.{column}" for column in _OUTBOX_COLUMNS.split(", "))
 
 
@@ -121,6 +127,7 @@ def staged_params(events: Sequence[StagedEvent]) -> dict[str, object]:
         "outbox_sources": [staged.source for staged in events],
         "outbox_payloads": [staged.event.SerializeToString() for staged in events],
         "outbox_times": [staged.event.occur_time.ToDatetime(tzinfo=UTC) for staged in events],
+        "outbox_traceparents": [staged.traceparent for staged in events],
     }
 
 
@@ -154,11 +161,12 @@ class PendingEvent:
     source: str
     payload: bytes
     occur_time: datetime
+    traceparent: str | None
 
 
 SELECT_PENDING = Statement(
-    "SELECT id, event_id, topic, message_key, event_type, source, payload, occur_time"
-    " FROM outbox_events WHERE source = %(source)s ORDER BY id LIMIT %(limit)s"
+    "SELECT id, event_id, topic, message_key, event_type, source, payload, occur_time,"
+    " traceparent FROM outbox_events WHERE source = %(source)s ORDER BY id LIMIT %(limit)s"
 )
 RELAY_SESSION_BOUNDS = (
     "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; SET tcp_keepalives_count = 3;"
@@ -397,16 +405,24 @@ def _kafka_error(error: KafkaException) -> KafkaError:
 
 
 def _produce(producer: Producer, event: PendingEvent) -> None:
-    while True:
-        try:
-            producer.produce(
-                event.topic,
-                key=event.message_key.encode(),
-                value=bytes(event.payload),
-                headers=cloudevent_headers(
-                    str(event.event_id), event.source, event.event_type, event.occur_time
-                ),
-            )
-            return
-        except BufferError:
-            producer.poll(0.1)  # the local queue is full: let it drain, then retry
+    # A short PRODUCER span, a child of the call that wrote the event; the consumer's is its child.
+    with publishing(event.topic, event.traceparent) as traceparent:
+        headers = _event_headers(event, traceparent)
+        while True:
+            try:
+                producer.produce(
+                    event.topic,
+                    key=event.message_key.encode(),
+                    value=bytes(event.payload),
+                    headers=headers,
+                )
+                return
+            except BufferError:
+                producer.poll(0.1)  # the local queue is full: let it drain, then retry
+
+
+def _event_headers(event: PendingEvent, traceparent: str | None) -> Headers:
+    headers = cloudevent_headers(
+        str(event.event_id), event.source, event.event_type, event.occur_time
+    )
+    return [*headers, (TRACEPARENT, traceparent.encode())] if traceparent else headers

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 import threading
@@ -32,6 +33,7 @@ from servicekit.settings import ServiceSettings, SettingsError, TlsSettings
 from servicekit.sql import Database
 from servicekit.tls import server_credentials
 from servicekit.tokens import TokenVerifier
+from servicekit.tracing import TracingSettings, start_tracing
 
 log = logging.getLogger("servicekit.server")
 T = TypeVar("T")
@@ -375,6 +377,7 @@ def serve(definition: ServiceDefinition, settings_loader: Callable[[], ServiceSe
     except SettingsError as error:
         sys.exit(f"configuration error: {error}")
     configure_logging(settings.service_name, settings.log_level)
+    start_tracing(settings.service_name, TracingSettings.from_env(os.environ))
     stop_requested = install_stop_signals()
     try:
         running = start_service(definition, settings)
