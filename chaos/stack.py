@@ -28,6 +28,8 @@ from servicekit.settings import KafkaSettings, TlsSettings
 CHAOS_DATABASE_URL = os.environ.get(
     "CHAOS_DATABASE_URL", "postgresql+psycopg2://ecommerce@127.0.0.1:55432/ecommerce_chaos"
 )
+# Half the default: a paused relay leader is replaced sooner, and the suite runs shorter.
+RELAY_LEASE_SECONDS = 5.0
 SERVICES = {  # module: the variable of its port
     "user_service": "USER_SERVICE_PORT",
     "order_service": "ORDER_SERVICE_PORT",
@@ -71,6 +73,7 @@ class Stack:
             "KAFKA_ORDERS_DLQ_TOPIC": f"chaos-{run}.ecommerce.orders.v1.dlq",
             "PROCESSOR_GROUP_ID": f"chaos-{run}-order-processor",
             "OUTBOX_PUBLISH_TIMEOUT_SECONDS": "5",
+            "OUTBOX_LEADER_LEASE_SECONDS": str(RELAY_LEASE_SECONDS),
             "HEALTH_CHECK_INTERVAL_SECONDS": "0.5",
             "SHUTDOWN_GRACE_SECONDS": "10",
             "GRPC_REFLECTION_ENABLED": "true",  # grpcurl and ghz read the descriptors
@@ -154,6 +157,10 @@ class Stack:
         process = self.processes.pop(name)
         process.process.send_signal(signum)
         return process.wait(timeout=60)
+
+    def send(self, name: str, signum: signal.Signals) -> None:
+        """Sends `signum` to the part (its own child process, by PID), which keeps running."""
+        self.processes[name].process.send_signal(signum)
 
     def is_serving(self, name: str, timeout: float = 3.0) -> bool:
         return is_serving(

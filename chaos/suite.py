@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
+from confluent_kafka import Producer
 from ecommerce.v1 import orders_pb2, orders_pb2_grpc, users_pb2, users_pb2_grpc
 from google.type import money_pb2
 from sqlalchemy import Engine, create_engine, text
@@ -22,7 +23,8 @@ from sqlalchemy import Engine, create_engine, text
 from chaos.effects import effects
 from chaos.load import OrderLoad, admin_channel_to
 from chaos.processes import wait_until
-from chaos.stack import CHAOS_DATABASE_URL, Stack, infra
+from chaos.stack import CHAOS_DATABASE_URL, RELAY_LEASE_SECONDS, Stack, infra
+from servicekit.kafka import producer_config, relay_transactional_id
 from servicekit.settings import with_password
 
 REPLICAS = 2
@@ -179,6 +181,59 @@ def partition(away: str, seconds: float) -> Injection:
     return inject
 
 
+def relay_leader_paused(seconds: float) -> Injection:
+    """SIGSTOP of order_service's relay leader for longer than its lease, then SIGCONT: another
+    replica must take over within the lease and fence it; woken, it must publish nothing."""
+
+    def inject(chaos: Chaos) -> str:
+        stack = chaos.stack
+        paused = _leader_of(chaos, "order_service")
+        stack.send(paused, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        try:
+            took_over = wait_until(
+                lambda: stack.relay_leader(chaos.engine, "order_service") not in (None, paused),
+                timeout=seconds,
+                interval=0.2,
+            )
+            handed_over = time.monotonic() - stopped_at
+            time.sleep(max(0.0, seconds - handed_over))
+        finally:
+            stack.send(paused, signal.SIGCONT)
+        leader = stack.relay_leader(chaos.engine, "order_service")
+        taken = f"{leader} led {handed_over:.1f} s after" if took_over else "nobody took over"
+        return f"{paused} stopped {seconds:g} s (lease {RELAY_LEASE_SECONDS:g} s); {taken}"
+
+    return inject
+
+
+def relay_producer_fenced(chaos: Chaos) -> str:
+    """A real fatal producer error: a producer of the operator's takes the transactional id of
+    order_service's relays, so the leader's producer is fenced; the relay must start over with a
+    new producer (before, such an error ended the relay thread or was retried forever)."""
+    leader = _leader_of(chaos, "order_service")
+    relays_id = relay_transactional_id(chaos.stack.kafka, "order_service")
+    intruder = Producer(
+        producer_config(chaos.stack.kafka, "chaos-intruder", **{"transactional.id": relays_id})
+    )
+    intruder.init_transactions(30)
+    intruder.close()
+    return f"{leader}'s producer fenced"
+
+
+def _leader_of(chaos: Chaos, service: str) -> str:
+    """The replica that leads `service`'s relay, once one does."""
+    leader: list[str | None] = [None]
+
+    def leads() -> bool:
+        leader[0] = chaos.stack.relay_leader(chaos.engine, service)
+        return leader[0] is not None
+
+    assert wait_until(leads, timeout=30, interval=0.2), f"no relay of {service} leads"
+    assert leader[0] is not None
+    return leader[0]
+
+
 def _lead_from(chaos: Chaos, name: str) -> str:
     """Makes `name`'s relay the leader, restarting (SIGTERM) the replica that leads instead;
     returns what the note should say about it."""
@@ -207,10 +262,21 @@ FAULTS: dict[str, Fault | Injection] = {
     "partition order_service ↔ PostgreSQL 20 s": Fault(partition("PostgreSQL", 20), isolated=True),
     "partition order_service ↔ Kafka 20 s": Fault(partition("Kafka", 20), isolated=True),
     "Kafka away 5 minutes under load": Fault(kafka_away(300), load_seconds=300),
+    "SIGSTOP relay leader past its lease": relay_leader_paused(2 * RELAY_LEASE_SECONDS),
+    "relay producer fenced (fatal error)": relay_producer_fenced,
     "kill -9 one Kafka broker of 3": kafka_broker_killed,
 }
 PROFILES = {
-    "short": (["kill -9 processor", "kill -9 order_service", "SIGTERM order_service"], 300),
+    "short": (
+        [
+            "kill -9 processor",
+            "kill -9 order_service",
+            "SIGTERM order_service",
+            "SIGSTOP relay leader past its lease",
+            "relay producer fenced (fatal error)",
+        ],
+        300,
+    ),
     "full": ([name for name in FAULTS if "of 3" not in name], 5000),
     # Needs the three-broker cluster: make infra-up KAFKA_BROKERS=3.
     "cluster": (["kill -9 one Kafka broker of 3"], 5000),
