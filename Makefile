@@ -38,13 +38,17 @@ $(VENV)/.installed: requirements.lock requirements-dev.lock pyproject.toml
 tools: ## Install pinned grpcurl and buf into .local/bin
 	bash scripts/tools.sh
 
+# The generated packages: ours, and gRPC reflection v1 (protos/grpc_reflection_v1/reflection.proto).
+GEN_PACKAGES := gen/ecommerce gen/grpc_reflection_v1
+
 protos: venv ## Regenerate gen/ from protos/
-	rm -rf gen/ecommerce
+	rm -rf $(GEN_PACKAGES)
 	mkdir -p gen
 	PATH="$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -I protos -I $(GOOGLEAPIS) \
 	  --python_out=gen --grpc_python_out=gen --mypy_out=gen --mypy_grpc_out=gen $(PROTO_FILES)
-	find gen/ecommerce -type d -exec touch {}/__init__.py \;
-	touch gen/ecommerce/py.typed
+	for package in $(GEN_PACKAGES); do \
+	  find $$package -type d -exec touch {}/__init__.py \; && touch $$package/py.typed; \
+	done
 
 check-protos: protos ## Fail when gen/ is not what `make protos` produces
 	@test -z "$$(git status --porcelain -- gen)" || \
