@@ -21,8 +21,8 @@ export KAFKA_REPLICATION_FACTOR ?= 3
 endif
 export KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:59092
 
-.PHONY: help venv tools protos check-protos lint format certs token infra-up infra-down migrate run test \
-        dlq-replay events fuzz chaos chaos-cluster bench bench-e2e
+.PHONY: help venv tools protos check-protos proto-deps breaking lint format certs token infra-up \
+        infra-down migrate run test dlq-replay events fuzz chaos chaos-cluster bench bench-e2e
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -54,13 +54,23 @@ check-protos: protos ## Fail when gen/ is not what `make protos` produces
 	@test -z "$$(git status --porcelain -- gen)" || \
 	  { git status --short -- gen; echo "gen/ is stale: run 'make protos' and commit it"; exit 1; }
 
-lint: venv tools ## ruff, mypy and buf lint
+# The googleapis protos ours import, from googleapis-common-protos, where buf.yaml finds them.
+GOOGLE_PROTOS := google/api/field_behavior.proto google/rpc/status.proto google/type/money.proto
+
+proto-deps: venv ## Copy the googleapis imports to .local/proto-deps for buf
+	rm -rf .local/proto-deps
+	for proto in $(GOOGLE_PROTOS); do \
+	  mkdir -p .local/proto-deps/$$(dirname $$proto) && cp $(GOOGLEAPIS)/$$proto .local/proto-deps/$$proto; \
+	done
+
+# BREAKING_AGAINST=<commit> sets the baseline; scripts/breaking.sh says how it is chosen otherwise.
+breaking: tools proto-deps ## Fail when protos/ breaks the contract of main (buf breaking)
+	bash scripts/breaking.sh
+
+lint: venv tools proto-deps ## ruff, mypy and buf lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy servicekit user_service order_service processor migrations chaos tests bench
-	rm -rf .local/proto-deps && mkdir -p .local/proto-deps/google/type .local/proto-deps/google/rpc
-	cp $(GOOGLEAPIS)/google/type/money.proto .local/proto-deps/google/type/
-	cp $(GOOGLEAPIS)/google/rpc/status.proto .local/proto-deps/google/rpc/
 	$(BIN)/buf lint
 
 format: venv ## Apply ruff's fixes and formatting

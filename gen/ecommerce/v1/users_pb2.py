@@ -22,26 +22,33 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65\x63ommerce/v1/users.proto\x12\x0c\x65\x63ommerce.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"`\n\x04User\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"D\n\x11\x43reateUserRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x1c\n\x0eGetUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\"9\n\x10ListUsersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"O\n\x11ListUsersResponse\x12!\n\x05users\x18\x01 \x03(\x0b\x32\x12.ecommerce.v1.User\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xdb\x01\n\x0bUserService\x12\x41\n\nCreateUser\x12\x1f.ecommerce.v1.CreateUserRequest\x1a\x12.ecommerce.v1.User\x12;\n\x07GetUser\x12\x1c.ecommerce.v1.GetUserRequest\x1a\x12.ecommerce.v1.User\x12L\n\tListUsers\x12\x1e.ecommerce.v1.ListUsersRequest\x1a\x1f.ecommerce.v1.ListUsersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65\x63ommerce/v1/users.proto\x12\x0c\x65\x63ommerce.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"`\n\x04User\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"P\n\x11\x43reateUserRequest\x12\x13\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\"\n\x0eGetUserRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"9\n\x10ListUsersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"O\n\x11ListUsersResponse\x12!\n\x05users\x18\x01 \x03(\x0b\x32\x12.ecommerce.v1.User\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xdb\x01\n\x0bUserService\x12\x41\n\nCreateUser\x12\x1f.ecommerce.v1.CreateUserRequest\x1a\x12.ecommerce.v1.User\x12;\n\x07GetUser\x12\x1c.ecommerce.v1.GetUserRequest\x1a\x12.ecommerce.v1.User\x12L\n\tListUsers\x12\x1e.ecommerce.v1.ListUsersRequest\x1a\x1f.ecommerce.v1.ListUsersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ecommerce.v1.users_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_USER']._serialized_start=75
-  _globals['_USER']._serialized_end=171
-  _globals['_CREATEUSERREQUEST']._serialized_start=173
-  _globals['_CREATEUSERREQUEST']._serialized_end=241
-  _globals['_GETUSERREQUEST']._serialized_start=243
-  _globals['_GETUSERREQUEST']._serialized_end=271
-  _globals['_LISTUSERSREQUEST']._serialized_start=273
-  _globals['_LISTUSERSREQUEST']._serialized_end=330
-  _globals['_LISTUSERSRESPONSE']._serialized_start=332
-  _globals['_LISTUSERSRESPONSE']._serialized_end=411
-  _globals['_USERSERVICE']._serialized_start=414
-  _globals['_USERSERVICE']._serialized_end=633
+  _globals['_CREATEUSERREQUEST'].fields_by_name['email']._loaded_options = None
+  _globals['_CREATEUSERREQUEST'].fields_by_name['email']._serialized_options = b'\342A\001\002'
+  _globals['_CREATEUSERREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_CREATEUSERREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002'
+  _globals['_GETUSERREQUEST'].fields_by_name['id']._loaded_options = None
+  _globals['_GETUSERREQUEST'].fields_by_name['id']._serialized_options = b'\342A\001\002'
+  _globals['_USER']._serialized_start=108
+  _globals['_USER']._serialized_end=204
+  _globals['_CREATEUSERREQUEST']._serialized_start=206
+  _globals['_CREATEUSERREQUEST']._serialized_end=286
+  _globals['_GETUSERREQUEST']._serialized_start=288
+  _globals['_GETUSERREQUEST']._serialized_end=322
+  _globals['_LISTUSERSREQUEST']._serialized_start=324
+  _globals['_LISTUSERSREQUEST']._serialized_end=381
+  _globals['_LISTUSERSRESPONSE']._serialized_start=383
+  _globals['_LISTUSERSRESPONSE']._serialized_end=462
+  _globals['_USERSERVICE']._serialized_start=465
+  _globals['_USERSERVICE']._serialized_end=684
 # @@protoc_insertion_point(module_scope)

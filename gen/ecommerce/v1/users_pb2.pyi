@@ -57,15 +57,17 @@ Global___User: _TypeAlias = User  # noqa: Y015
 
 @_typing.final
 class CreateUserRequest(_message.Message):
+    """The user to create."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     EMAIL_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     email: _builtins.str
-    """Required. Must look like local@domain.tld; at most 254 characters."""
+    """Must look like local@domain.tld; at most 254 characters."""
     name: _builtins.str
-    """Required. 1 to 200 characters after trimming."""
+    """1 to 200 characters after trimming."""
     request_id: _builtins.str
     """Optional UUID (AIP-155). A retry with the same request_id creates nothing new."""
     def __init__(
@@ -85,11 +87,13 @@ Global___CreateUserRequest: _TypeAlias = CreateUserRequest  # noqa: Y015
 
 @_typing.final
 class GetUserRequest(_message.Message):
+    """Which user to return."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Required. The user's UUID."""
+    """The user's UUID."""
     def __init__(
         self,
         *,
@@ -105,6 +109,8 @@ Global___GetUserRequest: _TypeAlias = GetUserRequest  # noqa: Y015
 
 @_typing.final
 class ListUsersRequest(_message.Message):
+    """Which page of users to return (AIP-158)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
@@ -129,6 +135,8 @@ Global___ListUsersRequest: _TypeAlias = ListUsersRequest  # noqa: Y015
 
 @_typing.final
 class ListUsersResponse(_message.Message):
+    """One page of users, oldest first."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     USERS_FIELD_NUMBER: _builtins.int
@@ -136,7 +144,9 @@ class ListUsersResponse(_message.Message):
     next_page_token: _builtins.str
     """Empty when there are no more pages."""
     @_builtins.property
-    def users(self) -> _containers.RepeatedCompositeFieldContainer[Global___User]: ...
+    def users(self) -> _containers.RepeatedCompositeFieldContainer[Global___User]:
+        """Up to page_size users."""
+
     def __init__(
         self,
         *,

@@ -73,14 +73,21 @@ class OrderStatusChanged(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     OCCUR_TIME_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
+    """UUID; the same event may be delivered more than once, consumers deduplicate by it."""
     order_id: _builtins.str
+    """The UUID of the order that changed."""
     user_id: _builtins.str
+    """The UUID of the user who placed the order."""
     old_status: _orders_pb2.OrderStatus.ValueType
+    """The status the order had before the change."""
     new_status: _orders_pb2.OrderStatus.ValueType
+    """The status the order has now."""
     reason: _builtins.str
     """Why the order has its new status."""
     @_builtins.property
-    def occur_time(self) -> _timestamp_pb2.Timestamp: ...
+    def occur_time(self) -> _timestamp_pb2.Timestamp:
+        """When the order changed: its new update_time (UTC)."""
+
     def __init__(
         self,
         *,
@@ -110,10 +117,15 @@ class UserCreated(_message.Message):
     USER_FIELD_NUMBER: _builtins.int
     OCCUR_TIME_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
+    """UUID; the same event may be delivered more than once, consumers deduplicate by it."""
     @_builtins.property
-    def user(self) -> _users_pb2.User: ...
+    def user(self) -> _users_pb2.User:
+        """The user as it was created."""
+
     @_builtins.property
-    def occur_time(self) -> _timestamp_pb2.Timestamp: ...
+    def occur_time(self) -> _timestamp_pb2.Timestamp:
+        """When the user was created (UTC)."""
+
     def __init__(
         self,
         *,
