@@ -15,7 +15,6 @@ from ecommerce.v1 import orders_pb2_grpc
 from processor.consumer import (
     DeadLetterQueue,
     OrderEventProcessor,
-    commit_on_revoke,
     consumer_config,
 )
 from processor.rules import CurrencyAndLimitRule
@@ -49,8 +48,13 @@ def open_processor(
 ) -> tuple[OrderEventProcessor, Callable[[], None]]:
     """The consume loop and its clients (Kafka, the DLQ, the callback channel), made in the
     process that uses them; the callable closes the clients once the loop has returned."""
-    consumer = Consumer(consumer_config(settings.kafka, settings.group_id))
-    consumer.subscribe([settings.kafka.orders_topic], on_revoke=commit_on_revoke)
+    consumer = Consumer(
+        consumer_config(
+            settings.kafka,
+            settings.group_id,
+            **{"max.poll.interval.ms": settings.max_poll_interval_ms},
+        )
+    )
     dead_letters = DeadLetterQueue(settings.kafka, settings.group_id)
     channel = open_channel(
         settings.order_service_address, settings.tls, server_identity="order_service"
@@ -66,6 +70,7 @@ def open_processor(
         batch_size=settings.batch_size,
         batch_linger_seconds=settings.batch_linger_seconds,
     )
+    processor.subscribe(settings.kafka.orders_topic)
 
     def close() -> None:
         consumer.close()  # commits nothing more: run() committed what was applied

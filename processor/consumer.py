@@ -28,7 +28,12 @@ from opentelemetry.trace import Span
 from processor.rules import OrderRule
 from servicekit.errors import status_code
 from servicekit.kafka import copy_and_wait, header, headers_without, position, producer_config
-from servicekit.metrics import CONSUMER_LAG, DEAD_LETTERS, PROCESSOR_OUTCOMES
+from servicekit.metrics import (
+    CONSUMER_LAG,
+    CONSUMER_REBALANCES,
+    DEAD_LETTERS,
+    PROCESSOR_OUTCOMES,
+)
 from servicekit.retry import TRANSIENT_CODES, call_with_retry
 from servicekit.settings import KafkaSettings
 from servicekit.tracing import TRACEPARENT, consuming, for_many
@@ -44,6 +49,10 @@ TRANSIENT_FOR_CALLBACK = TRANSIENT_CODES | {grpc.StatusCode.CANCELLED}
 RETRYABLE_CODES = TRANSIENT_FOR_CALLBACK | {grpc.StatusCode.NOT_FOUND}
 DLQ_HEADER_PREFIX = "dlq_"
 LAG_INTERVAL_SECONDS = 5.0
+# The consumer's session: a member that died without leaving holds its partitions until this
+# expires (the broker's minimum is 6 s). max.poll.interval.ms may not be shorter.
+SESSION_TIMEOUT_MS = 10_000
+POLL_TIMEOUT_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,13 @@ class DeadLetter:
 
     reason: str
     error: str
+
+
+def worst_loop_turn_seconds(callback_timeout: float, callback_retry_seconds: float) -> float:
+    """The longest a loop turn can keep the consumer from polling, its dead letters aside: the
+    callback's attempts and NOT_FOUND retries share one deadline of `callback_retry_seconds`;
+    the attempt running at the deadline and one last attempt without retry take a timeout each."""
+    return callback_retry_seconds + 2 * callback_timeout
 
 
 def consumer_config(kafka: KafkaSettings, group_id: str, **overrides: Any) -> dict[str, Any]:
@@ -64,10 +80,10 @@ def consumer_config(kafka: KafkaSettings, group_id: str, **overrides: Any) -> di
             "enable.auto.commit": True,
             "enable.auto.offset.store": False,
             "auto.commit.interval.ms": 1000,
+            # A member that does not poll for this long is evicted and its partitions reassigned.
             "max.poll.interval.ms": 300_000,
-            # A member that died without leaving holds its partitions until this expires: keep the
-            # pause after a crash short (the broker's minimum is 6 s).
-            "session.timeout.ms": 10_000,
+            # Keep the pause after a crash short.
+            "session.timeout.ms": SESSION_TIMEOUT_MS,
             "heartbeat.interval.ms": 2_000,
             **overrides,
         }
@@ -177,14 +193,32 @@ class OrderEventProcessor:
         self._batch_size = batch_size
         self._batch_linger_seconds = batch_linger_seconds
         self.handled = 0
+        self.membership = GroupMembership()
         self.last_progress = time.monotonic()  # the end of the loop's latest turn
+        # The longest time the loop spent between two polls: what max.poll.interval.ms bounds.
+        self.longest_poll_gap_seconds = 0.0
         self._lag_recorded = 0.0
+
+    def subscribe(self, topic: str) -> None:
+        """Joins the consumer group on `topic`, counting rebalances in `membership`."""
+        self._consumer.subscribe(
+            [topic],
+            on_assign=self.membership.on_assign,
+            on_revoke=self.membership.on_revoke,
+            on_lost=self.membership.on_lost,
+        )
 
     def run(self) -> None:
         """Consumes until `stop` is set; then commits what was applied."""
+        polled: float | None = None  # when the latest poll returned
         while not self._stop.is_set():
+            if polled is not None:
+                gap = time.monotonic() - polled
+                self.longest_poll_gap_seconds = max(self.longest_poll_gap_seconds, gap)
             batch = []
-            for message in self._next_batch():
+            messages = self._next_batch()
+            polled = time.monotonic()
+            for message in messages:
                 error = message.error()
                 if error is None:
                     batch.append(message)
@@ -216,7 +250,7 @@ class OrderEventProcessor:
     def _next_batch(self) -> list[Message]:
         """What arrives within a short linger after the first message, up to batch_size: one
         callback settles them all."""
-        first = self._consumer.poll(0.5)
+        first = self._consumer.poll(POLL_TIMEOUT_SECONDS)
         if first is None:
             return []
         rest = self._consumer.consume(self._batch_size - 1, timeout=self._batch_linger_seconds)
@@ -293,19 +327,21 @@ class OrderEventProcessor:
     def _settle(self, changes: dict[int, orders_pb2.UpdateOrderStatusRequest]) -> dict[int, Result]:
         """Applies the changes (message index -> change) with one call per attempt; orders not
         found yet (their row may lag behind their event) are tried again until
-        CALLBACK_RETRY_SECONDS."""
+        CALLBACK_RETRY_SECONDS, the one deadline of every attempt and retry of the batch."""
         by_order: dict[str, list[int]] = defaultdict(list)  # a redelivered event: same order
         for index, change in changes.items():
             by_order[change.id].append(index)
         pending = {order_id: changes[indexes[0]] for order_id, indexes in by_order.items()}
         outcomes: dict[str, Result] = {}
-        give_up_at = time.monotonic() + self._callback_retry_seconds
+        deadline = time.monotonic() + self._callback_retry_seconds
         delay = 0.05
         while pending:
-            not_found = self._settle_once(pending, outcomes, time.monotonic() < give_up_at)
+            not_found = self._settle_once(pending, outcomes, deadline)
             pending = {order_id: pending[order_id] for order_id in not_found}
             if pending:
-                self._stop.wait(random.uniform(0, delay))  # full jitter, as servicekit.retry
+                # Full jitter, as servicekit.retry, never past the deadline.
+                left = max(deadline - time.monotonic(), 0.0)
+                self._stop.wait(min(random.uniform(0, delay), left))
                 delay = min(delay * 2, 2.0)
         return {index: outcomes[order_id] for order_id, ids in by_order.items() for index in ids}
 
@@ -313,9 +349,11 @@ class OrderEventProcessor:
         self,
         pending: dict[str, orders_pb2.UpdateOrderStatusRequest],
         outcomes: dict[str, Result],
-        may_retry: bool,
+        deadline: float,
     ) -> list[str]:
-        """One batch call; records each order's result and returns the orders to try again."""
+        """One batch call (retried while transient, until `deadline`); records each order's
+        result and returns the orders to try again."""
+        may_retry = time.monotonic() < deadline
         request = orders_pb2.BatchUpdateOrderStatusRequest(requests=list(pending.values()))
         try:
             response = call_with_retry(
@@ -323,7 +361,7 @@ class OrderEventProcessor:
                 request,
                 retryable=TRANSIENT_FOR_CALLBACK,
                 attempt_timeout=self._callback_timeout,
-                give_up_after=self._callback_retry_seconds,
+                give_up_after=max(deadline - time.monotonic(), 0.0),
                 stop=self._stop,
             )
         except grpc.RpcError as error:
@@ -419,6 +457,34 @@ def _log_settled(change: orders_pb2.UpdateOrderStatusRequest) -> None:
             }
         },
     )
+
+
+class GroupMembership:
+    """The consumer's rebalance callbacks, counting each kind of change: partitions lost mean the
+    member was evicted (it polled too late, or its session expired) and another owns them now."""
+
+    def __init__(self) -> None:
+        self.assigned = 0
+        self.revoked = 0
+        self.lost = 0
+
+    def on_assign(self, _consumer: Consumer, _partitions: list[TopicPartition]) -> None:
+        self.assigned += 1
+        CONSUMER_REBALANCES.labels("assigned").inc()
+
+    def on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.revoked += 1
+        CONSUMER_REBALANCES.labels("revoked").inc()
+        commit_on_revoke(consumer, partitions)
+
+    def on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Nothing to commit: the offsets belong to the partitions' new owner."""
+        self.lost += 1
+        CONSUMER_REBALANCES.labels("lost").inc()
+        log.warning(
+            "partitions lost: evicted from the group",
+            extra={"fields": {"partitions": [f"{p.topic}/{p.partition}" for p in partitions]}},
+        )
 
 
 def commit_on_revoke(consumer: Consumer, partitions: list[TopicPartition]) -> None:

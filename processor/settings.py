@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
+from processor.consumer import SESSION_TIMEOUT_MS, worst_loop_turn_seconds
 from servicekit.settings import (
     KafkaSettings,
     SettingsError,
@@ -51,6 +52,20 @@ def _amount(env: Mapping[str, str], name: str, default: str) -> Decimal:
     return value
 
 
+def _max_poll_interval_ms(env: Mapping[str, str], timeout: float, retry_seconds: float) -> int:
+    """At least the consumer's session timeout (the client refuses less), and longer than the
+    longest loop turn the callback settings allow, or a slow turn gets the consumer evicted."""
+    value = env_int(env, "PROCESSOR_MAX_POLL_INTERVAL_MS", 300_000, minimum=SESSION_TIMEOUT_MS)
+    worst = worst_loop_turn_seconds(timeout, retry_seconds)
+    if value <= worst * 1000:
+        raise SettingsError(
+            "PROCESSOR_MAX_POLL_INTERVAL_MS must exceed the longest loop turn, "
+            f"CALLBACK_RETRY_SECONDS + 2 x CALLBACK_TIMEOUT_SECONDS = {worst * 1000:.0f} ms, "
+            f"got {value}"
+        )
+    return value
+
+
 @dataclass(frozen=True)
 class ProcessorSettings:
     kafka: KafkaSettings
@@ -63,6 +78,7 @@ class ProcessorSettings:
     max_order_amount: Decimal
     callback_timeout_seconds: float
     callback_retry_seconds: float
+    max_poll_interval_ms: int
     batch_size: int
     batch_linger_seconds: float
     log_level: str
@@ -83,6 +99,8 @@ class ProcessorSettings:
         listen_host = env_text(env, "GRPC_LISTEN_HOST", "127.0.0.1")
         tls.require_loopback(order_service_address, "ORDER_SERVICE_ADDRESS")
         tls.require_loopback(listen_host, "GRPC_LISTEN_HOST")
+        callback_timeout_seconds = env_float(env, "CALLBACK_TIMEOUT_SECONDS", 5.0)
+        callback_retry_seconds = env_float(env, "CALLBACK_RETRY_SECONDS", 10.0)
         return cls(
             kafka=KafkaSettings.from_env(env, tls),
             tls=tls,
@@ -92,8 +110,11 @@ class ProcessorSettings:
             health_port=env_int(env, "PROCESSOR_HEALTH_PORT", 50053),
             accepted_currencies=_currencies(env),
             max_order_amount=_amount(env, "MAX_ORDER_AMOUNT", "10000"),
-            callback_timeout_seconds=env_float(env, "CALLBACK_TIMEOUT_SECONDS", 5.0),
-            callback_retry_seconds=env_float(env, "CALLBACK_RETRY_SECONDS", 10.0),
+            callback_timeout_seconds=callback_timeout_seconds,
+            callback_retry_seconds=callback_retry_seconds,
+            max_poll_interval_ms=_max_poll_interval_ms(
+                env, callback_timeout_seconds, callback_retry_seconds
+            ),
             batch_size=_batch_size(env),
             batch_linger_seconds=env_float(env, "PROCESSOR_BATCH_LINGER_SECONDS", 0.005),
             log_level=parse_log_level(env),

@@ -3,11 +3,11 @@
 # the key pair of bearer tokens; the database roles' passwords.
 # Each identity's certificate names it twice: a SAN URI spiffe://ecommerce.local/<identity> (what
 # the gRPC services authorize) and CN=<identity> (the principal Kafka's ACLs name). The SANs also
-# cover the host names clients dial (localhost, 127.0.0.1, the compose service name), so one
+# cover the host names clients dial (localhost, 127.0.0.1, the compose service names), so one
 # certificate serves both ends of mutual TLS. Also the Ed25519 key pair that signs and checks
 # bearer tokens (`make token`).
 #
-# Idempotent: files that exist are kept. Certificates and keys go to CERTS_DIR (default
+# Idempotent: files that exist are kept (a certificate lacking a name added since is reported). Certificates and keys go to CERTS_DIR (default
 # .local/certs), passwords to SECRETS_DIR (default .local/secrets): postgres-<role>.password for
 # the owner role `ecommerce` and the services' roles. `bash scripts/certs.sh renew` replaces the
 # certificates and keys (not the passwords). Keys and passwords are readable by their owner only.
@@ -21,6 +21,8 @@ trust_domain=ecommerce.local
 # The services, the processor, the dead-letter replay tool, the Kafka brokers, an operator
 # (Kafka super user: topics and ACLs) and a client for people (grpcurl, scripts).
 identities=(user_service order_service processor dlq_replay kafka admin client)
+# More names an identity's certificate holds: the brokers' host names in docker-compose.yml.
+declare -A extra_names=([kafka]="kafka-1 kafka-2 kafka-3")
 
 if ! command -v openssl >/dev/null; then
   echo "certs.sh: installing openssl from Debian's packages" >&2
@@ -47,10 +49,28 @@ if [ ! -s "$dir/ca.crt" ]; then
   made+=(CA)
 fi
 
+# A certificate made before its identity got a name is kept (other clients trust it as it is):
+# say which names it lacks, and that `renew` reissues it.
+warn_missing_names() { # identity
+  local name=$1 sans missing="" extra
+  sans=$(openssl x509 -in "$dir/$name.crt" -noout -ext subjectAltName 2>/dev/null || true)
+  for extra in ${extra_names[$name]:-}; do
+    grep -qE "DNS:$extra(,|\s|$)" <<<"$sans" || missing+=" $extra"
+  done
+  if [ -n "$missing" ]; then
+    echo "certs.sh: $name.crt lacks the names$missing (docker-compose.yml dials them): delete" \
+      "it and run \`make certs\` to reissue it, or \`bash scripts/certs.sh renew\` for all" >&2
+  fi
+}
+
 issue() { # identity
-  local name=$1 host=${1//_/-} alias=""
+  local name=$1 host=${1//_/-} alias="" extra
   [ "$host" != "$name" ] && alias=",DNS:$host"
-  [ -s "$dir/$name.crt" ] && return
+  for extra in ${extra_names[$name]:-}; do alias+=",DNS:$extra"; done
+  if [ -s "$dir/$name.crt" ]; then
+    warn_missing_names "$name"
+    return
+  fi
   openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$dir/$name.key"
   openssl req -new -key "$dir/$name.key" -subj "/O=ecommerce/CN=$name" -out "$dir/$name.csr"
   cat >"$dir/$name.ext" <<EXT

@@ -43,6 +43,12 @@ CONSUMER_LAG = Gauge(
     "Messages of a partition not read yet by this consumer (end offset - position)",
     ["topic", "partition"],
 )
+CONSUMER_REBALANCES = Counter(
+    "ecommerce_processor_rebalances",
+    "Partition assignment changes of the processor's consumer, by event (assigned, revoked, lost:"
+    " evicted from the group, e.g. for polling later than max.poll.interval.ms)",
+    ["event"],
+)
 DEAD_LETTERS = Counter("ecommerce_processor_dead_letters", "Messages sent to the DLQ", ["reason"])
 
 

@@ -37,17 +37,20 @@ def call_with_retry(
     max_delay: float = 2.0,
 ) -> Response:
     """Calls until success, a code not in `retryable`, `give_up_after` seconds, or `stop`; then
-    raises the last grpc.RpcError."""
+    raises the last grpc.RpcError. The last attempt starts by the deadline: the whole call takes at
+    most `give_up_after` + `attempt_timeout`."""
     deadline = time.monotonic() + give_up_after
     delay = first_delay
     while True:
         try:
             return call(request, timeout=attempt_timeout)
         except grpc.RpcError as error:
-            out_of_time = time.monotonic() + delay > deadline
-            if error.code() not in retryable or out_of_time or (stop and stop.is_set()):
+            if error.code() not in retryable or (stop and stop.is_set()):
                 raise
             asked_for = retry_delay(error)
+            # No pause ends past the deadline, not even one the server asked for.
+            if time.monotonic() + (asked_for or delay) > deadline:
+                raise
         # The server's RetryInfo first; else full jitter: retries of many callers spread out.
         pause = asked_for or random.uniform(0, delay)
         if stop is not None:

@@ -8,6 +8,8 @@ import importlib
 import importlib.util
 import ipaddress
 import re
+import shutil
+import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,24 @@ SECRETS = "/run/secrets/"
 PUBLISH = "${PUBLISH_HOST:-127.0.0.1}"
 SECRETS_GID = "${SECRETS_GID:-1000}"
 INIT_SCRIPT = REPO / "infra/postgres/service-roles.sh"
+# Three brokers, as `make infra-up KAFKA_BROKERS=3`; every client bootstraps from all of them.
+BROKERS = ("kafka-1", "kafka-2", "kafka-3")
+BOOTSTRAP = ",".join(f"{broker}:9092" for broker in BROKERS)
+PROMETHEUS_CONFIG = REPO / "infra/prometheus/prometheus-compose.yml"
+ALERTS = REPO / "infra/prometheus/alerts.yml"
+# The server.properties settings that make the cluster durable, as scripts/kafka.sh writes them.
+DURABILITY = (
+    "num.partitions",
+    "default.replication.factor",
+    "min.insync.replicas",
+    "offsets.topic.replication.factor",
+    "transaction.state.log.replication.factor",
+    "transaction.state.log.min.isr",
+    "share.coordinator.state.topic.replication.factor",
+    "share.coordinator.state.topic.min.isr",
+    "group.initial.rebalance.delay.ms",
+    "auto.create.topics.enable",
+)
 
 
 class RecordingEnv(Mapping[str, str]):
@@ -108,6 +128,36 @@ def secret_paths_in(environment: Mapping[str, Any]) -> set[str]:
     return {str(v) for v in environment.values() if str(v).startswith(SECRETS)}
 
 
+def kafka_variable(key: str) -> str:
+    """The image's variable for a server.properties key."""
+    return "KAFKA_" + key.upper().replace(".", "_")
+
+
+def local_cluster_properties(tmp_path: Path, node: int = 1) -> dict[str, str]:
+    """The server.properties scripts/kafka.sh writes for a node of its three-node cluster: its own
+    functions, run in a scratch directory (nothing started)."""
+    script = (REPO / "scripts/kafka.sh").read_text()
+    helpers = script[script.index("broker_port() {") : script.index("fetch_jars() {")]
+    start = script.index("write_config() {")
+    write_config = script[start : script.index("\n}\n", start) + 3]
+    run = subprocess.run(
+        ["bash", "-c", f"{helpers}\n{write_config}\nwrite_config {node}"],
+        env={"brokers": "3", "home": str(tmp_path), "certs": "/certs", "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    return properties((tmp_path / f"node-{node}" / "server.properties").read_text())
+
+
+def kafka_brokers(compose: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """Broker service -> its environment as the container sees it."""
+    return {
+        name: {key: unescaped(value) for key, value in service["environment"].items()}
+        for name, service in compose["services"].items()
+        if str(service.get("image", "")).startswith("apache/kafka:")
+    }
+
+
 def properties(text: str) -> dict[str, str]:
     """`key=value` lines of a properties text (here: scripts/kafka.sh's server.properties)."""
     pairs = (line.split("=", 1) for line in text.splitlines() if re.match(r"^[a-z.]+=", line))
@@ -172,7 +222,7 @@ def test_service_runs_its_module_on_its_port(compose: dict[str, Any], module: st
         f"127.0.0.1:{default_port}",
     ]
     assert service["depends_on"]["topics"]["condition"] == "service_completed_successfully"
-    assert environment["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
+    assert environment["KAFKA_BOOTSTRAP_SERVERS"] == BOOTSTRAP  # any broker may be down
 
 
 def test_one_off_steps_set_only_what_they_read(compose: dict[str, Any]) -> None:
@@ -187,14 +237,17 @@ def test_one_off_steps_set_only_what_they_read(compose: dict[str, Any]) -> None:
     assert "with_password" in (REPO / "migrations/env.py").read_text()
 
 
-def test_only_the_grpc_ports_are_published_and_on_loopback(compose: dict[str, Any]) -> None:
+def test_only_the_grpc_ports_and_prometheus_are_published_and_on_loopback(
+    compose: dict[str, Any],
+) -> None:
     services = compose["services"]
     published = {name for name, service in services.items() if service.get("ports")}
 
-    assert published == set(SERVICES)  # never PostgreSQL or Kafka
-    for name in published:
+    assert published == {*SERVICES, "prometheus"}  # never PostgreSQL, Kafka or /metrics
+    for name in SERVICES:
         port = SERVICES[name][1]
         assert services[name]["ports"] == [f"{PUBLISH}:{port}:{port}"]
+    assert services["prometheus"]["ports"] == [f"{PUBLISH}:9090:9090"]
     for service in services.values():
         assert service.get("network_mode") != "host"
 
@@ -313,9 +366,12 @@ def test_postgres_takes_passwords_only_and_creates_the_migrations_roles(
     assert postgres["healthcheck"]["test"][:4] == ["CMD", "pg_isready", "-h", "127.0.0.1"]
 
 
-def test_kafka_listens_on_mutual_tls_only_as_the_local_broker_does(compose: dict[str, Any]) -> None:
-    kafka = compose["services"]["kafka"]
-    env = {key: unescaped(value) for key, value in kafka["environment"].items()}
+@pytest.mark.parametrize("broker", BROKERS)
+def test_kafka_listens_on_mutual_tls_only_as_the_local_broker_does(
+    compose: dict[str, Any], broker: str
+) -> None:
+    kafka = compose["services"][broker]
+    env = kafka_brokers(compose)[broker]
     protocols = dict(
         pair.split(":") for pair in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(",")
     )
@@ -323,7 +379,7 @@ def test_kafka_listens_on_mutual_tls_only_as_the_local_broker_does(compose: dict
     advertised = [item.split("://")[0] for item in env["KAFKA_ADVERTISED_LISTENERS"].split(",")]
 
     assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft, no ZooKeeper
-    assert env["KAFKA_ADVERTISED_LISTENERS"] == "BROKER://kafka:9092"
+    assert env["KAFKA_ADVERTISED_LISTENERS"] == f"BROKER://{broker}:9092"
     for name in [*listeners, *advertised, env["KAFKA_INTER_BROKER_LISTENER_NAME"]]:
         assert protocols[name] == "SSL", f"listener {name} is not TLS"
     assert protocols[env["KAFKA_CONTROLLER_LISTENER_NAMES"]] == "SSL"
@@ -347,7 +403,7 @@ def test_kafka_listens_on_mutual_tls_only_as_the_local_broker_does(compose: dict
         "super.users",
         "allow.everyone.if.no.acl.found",
     ):
-        assert env["KAFKA_" + key.upper().replace(".", "_")] == local[key], key
+        assert env[kafka_variable(key)] == local[key], key
     rules = env["KAFKA_SSL_PRINCIPAL_MAPPING_RULES"]
     for identity in ("admin", "kafka", "processor", "user_service"):
         for dn in (f"CN={identity},O=ecommerce", f"CN={identity}"):
@@ -355,17 +411,50 @@ def test_kafka_listens_on_mutual_tls_only_as_the_local_broker_does(compose: dict
             assert kafka_principal(local["ssl.principal.mapping.rules"], dn) == identity
     assert env["KAFKA_SSL_CLIENT_AUTH"] == "required"
     assert env["KAFKA_ALLOW_EVERYONE_IF_NO_ACL_FOUND"] == "false"
-    # Its probe is a TLS handshake with the mounted key store, not a plaintext connection.
-    probe = " ".join(kafka["healthcheck"]["test"])
+    # Its probe is a TLS handshake with the mounted key store, not a plaintext connection, to the
+    # name it advertises.
+    probe = unescaped(" ".join(kafka["healthcheck"]["test"]))
     assert "security.protocol=SSL" in probe and f"{SECRETS}kafka.pem" in probe
+    assert '--bootstrap-server "${KAFKA_ADVERTISED_LISTENERS#BROKER://}"' in probe
+
+
+def test_three_brokers_form_one_durable_cluster_as_the_local_cluster_does(
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
+    brokers = kafka_brokers(compose)
+    local = local_cluster_properties(tmp_path)
+
+    assert set(brokers) == set(BROKERS)
+    assert sorted(int(env["KAFKA_NODE_ID"]) for env in brokers.values()) == [1, 2, 3]
+    # One cluster, every node a voter of the controller quorum, each on its own volume.
+    assert len({env["CLUSTER_ID"] for env in brokers.values()}) == 1
+    voters = {f"{env['KAFKA_NODE_ID']}@{name}:9093" for name, env in brokers.items()}
+    for name, env in brokers.items():
+        assert set(env["KAFKA_CONTROLLER_QUORUM_VOTERS"].split(",")) == voters
+        volumes = compose["services"][name]["volumes"]
+        assert volumes == [f"{name}-data:{env['KAFKA_LOG_DIRS']}"]
+        assert f"{name}-data" in compose["volumes"]
+        # Replicated and acknowledged as the local three-node cluster: three replicas of every
+        # topic and internal topic (offsets, transactions), two in sync for a write to succeed.
+        for key in DURABILITY:
+            assert env[kafka_variable(key)] == local[key], (name, key)
+        assert env["KAFKA_DEFAULT_REPLICATION_FACTOR"] == "3"
+        assert env["KAFKA_MIN_INSYNC_REPLICAS"] == "2"
+        assert env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] == "3"
+        assert env["KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR"] == "3"
+        assert env["KAFKA_TRANSACTION_STATE_LOG_MIN_ISR"] == "2"
 
 
 def test_kafka_clients_and_processor_agree(compose: dict[str, Any]) -> None:
     topics = compose["services"]["topics"]
     processor = compose["services"]["processor"]["environment"]
 
-    assert topics["environment"]["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
-    assert topics["depends_on"]["kafka"]["condition"] == "service_healthy"
+    assert topics["environment"]["KAFKA_BOOTSTRAP_SERVERS"] == BOOTSTRAP
+    assert topics["depends_on"] == {broker: {"condition": "service_healthy"} for broker in BROKERS}
+    # The topics step creates the topics with three replicas (and min.insync.replicas=2).
+    created = KafkaSettings.from_env(topics["environment"], TlsSettings.from_env({}, "admin"))
+    assert created.replication_factor == 3
+    assert created.bootstrap_servers.split(",") == [f"{broker}:9092" for broker in BROKERS]
     order_port = compose["services"]["order_service"]["environment"]["ORDER_SERVICE_PORT"]
     assert processor["ORDER_SERVICE_ADDRESS"] == f"order_service:{order_port}"
 
@@ -386,13 +475,32 @@ def test_containers_run_as_non_root_users_that_can_read_their_secrets(
             assert service["group_add"] == [SECRETS_GID], name
 
 
-def certificate_names(identity: str) -> tuple[set[str], set[str]]:
-    """The DNS names and IP addresses of a certificate `make certs` made (`make test` makes
-    them before the suite runs)."""
+def run_certs_script(certs: Path) -> subprocess.CompletedProcess[str]:
+    """scripts/certs.sh writing into `certs` (and its passwords into certs/secrets)."""
+    paths = {"CERTS_DIR": str(certs), "SECRETS_DIR": str(certs / "secrets")}
+    return subprocess.run(
+        ["bash", str(REPO / "scripts/certs.sh")],
+        env={**paths, "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fresh_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What `make certs` makes on a clean machine (the developer's own .local/certs may predate a
+    name and are kept as they are)."""
+    certs = tmp_path_factory.mktemp("certs")
+    made = run_certs_script(certs)
+    assert made.returncode == 0, made.stderr
+    return certs
+
+
+def certificate_names(certs: Path, identity: str) -> tuple[set[str], set[str]]:
+    """The DNS names and IP addresses of a certificate `make certs` made."""
     from cryptography import x509
 
-    path = REPO / ".local/certs" / f"{identity}.crt"
-    assert path.is_file(), f"no {path}: run `make certs`"
+    path = certs / f"{identity}.crt"
+    assert path.is_file(), f"no {path}"
     names = x509.load_pem_x509_certificate(path.read_bytes()).extensions.get_extension_for_class(
         x509.SubjectAlternativeName
     )
@@ -402,15 +510,23 @@ def certificate_names(identity: str) -> tuple[set[str], set[str]]:
 
 
 def test_every_address_dialled_is_a_name_in_the_server_certificate(
-    compose: dict[str, Any],
+    compose: dict[str, Any], fresh_certs: Path
 ) -> None:
     services = compose["services"]
     dialled = {name: ["127.0.0.1"] for name in SERVICES}  # the health probes
     dialled["order_service"].append(services["processor"]["environment"]["ORDER_SERVICE_ADDRESS"])
-    advertised = services["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
-    dialled["kafka"] = [item.split("://")[1] for item in advertised.split(",")]
+    # Every broker presents the kafka certificate: to clients (advertised listeners, bootstrap)
+    # and to the other controllers (quorum voters).
+    dialled["kafka"] = BOOTSTRAP.split(",")
+    for env in kafka_brokers(compose).values():
+        dialled["kafka"] += [
+            item.split("://")[1] for item in env["KAFKA_ADVERTISED_LISTENERS"].split(",")
+        ]
+        dialled["kafka"] += [
+            voter.split("@")[1] for voter in env["KAFKA_CONTROLLER_QUORUM_VOTERS"].split(",")
+        ]
     for identity, addresses in dialled.items():
-        dns, ips = certificate_names(identity)
+        dns, ips = certificate_names(fresh_certs, identity)
         for address in addresses:
             host = address.rsplit(":", 1)[0] if ":" in address else address
             try:
@@ -434,3 +550,83 @@ def test_readme_documents_every_variable(module: str) -> None:
     readme = (REPO / "README.md").read_text()
     for variable in variables_read_by(module):
         assert f"`{variable}`" in readme, f"{variable} is not in the README's configuration table"
+
+
+def test_make_certs_keeps_an_older_broker_certificate_and_says_how_to_renew_it(
+    fresh_certs: Path, tmp_path: Path
+) -> None:
+    certs = tmp_path / "certs"
+    shutil.copytree(fresh_certs, certs)
+    # A broker certificate made before the compose names were added: same key, same CA.
+    (certs / "kafka.ext").write_text(
+        "subjectAltName=URI:spiffe://ecommerce.local/kafka,DNS:kafka,DNS:localhost,IP:127.0.0.1\n"
+    )
+    subprocess.run(
+        "openssl req -new -key kafka.key -subj /O=ecommerce/CN=kafka |"
+        " openssl x509 -req -CA ca.crt -CAkey ca.key -days 1 -extfile kafka.ext -out kafka.crt",
+        shell=True, cwd=certs, check=True, capture_output=True,
+    )  # fmt: skip
+    older = (certs / "kafka.crt").read_bytes()
+
+    again = run_certs_script(certs)
+
+    assert again.returncode == 0, again.stderr
+    assert (certs / "kafka.crt").read_bytes() == older  # kept: only `renew` replaces it
+    assert "kafka.crt lacks the names kafka-1 kafka-2 kafka-3" in again.stderr
+    assert "bash scripts/certs.sh renew" in again.stderr
+    # A certificate that has them draws no word.
+    assert "lacks" not in run_certs_script(fresh_certs).stderr
+
+
+@pytest.mark.parametrize("module", sorted(SERVICES))
+def test_metrics_listen_on_the_compose_network_unpublished(
+    compose: dict[str, Any], module: str
+) -> None:
+    service = compose["services"][module]
+    environment = service["environment"]
+    port = int(environment["METRICS_PORT"])
+
+    assert {"METRICS_HOST", "METRICS_PORT"} <= variables_read_by(module)
+    assert environment["METRICS_HOST"] == "0.0.0.0"  # reachable from the prometheus container
+    assert [str(exposed) for exposed in service["expose"]] == [str(port)]
+    assert not [mapping for mapping in service["ports"] if str(port) in mapping.split(":")]
+
+
+def prometheus_targets() -> dict[str, list[str]]:
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    return {
+        job["job_name"]: [
+            target for static in job["static_configs"] for target in static["targets"]
+        ]
+        for job in config["scrape_configs"]
+    }
+
+
+def test_prometheus_scrapes_every_process_with_the_alert_rules(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    prometheus = services["prometheus"]
+    image, tag = prometheus["image"].split(":")
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+
+    assert image == "prom/prometheus" and re.fullmatch(r"v\d+\.\d+\.\d+", tag)  # pinned
+    # Each job (the name the alert rules select on) scrapes its process by its compose name.
+    assert prometheus_targets() == {
+        name: [f"{name}:{services[name]['environment']['METRICS_PORT']}"] for name in SERVICES
+    }
+    selected = re.search(r'job=~"([^"]+)"', ALERTS.read_text())
+    assert selected, "EcommerceTargetDown no longer selects the jobs"
+    alert_jobs = set(re.findall(r"\w+", selected[1]))
+    assert alert_jobs == set(SERVICES)
+    # The config and the rules it names are mounted where the command points Prometheus.
+    mounts = dict(volume.split(":")[:2] for volume in prometheus["volumes"])
+    config_path = next(
+        arg.split("=", 1)[1] for arg in prometheus["command"] if arg.startswith("--config.file=")
+    )
+    assert mounts[f"./{PROMETHEUS_CONFIG.relative_to(REPO)}"] == config_path
+    for rules in config["rule_files"]:
+        assert mounts[f"./{ALERTS.relative_to(REPO)}"] == str(Path(config_path).parent / rules)
+    assert all(
+        volume.endswith(":ro") for volume in prometheus["volumes"] if volume.startswith("./")
+    )
+    assert not prometheus.get("secrets")  # it holds no key: /metrics is plain HTTP
+    assert prometheus["cap_drop"] == ["ALL"]

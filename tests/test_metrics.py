@@ -1,5 +1,5 @@
 """Metrics: every process of the stack serves /metrics, a real Prometheus scrapes them all with
-the project's alert rules loaded, and the rules pass promtool."""
+the project's alert rules loaded, and the rules and compose's scrape config pass promtool."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ from tests.conftest import REPO
 from tests.test_eventing import processor_env
 
 ALERTS = REPO / "infra" / "prometheus" / "alerts.yml"
+# docker-compose.yml's Prometheus (its targets are checked against the compose file by
+# tests/test_compose.py).
+COMPOSE_CONFIG = REPO / "infra" / "prometheus" / "prometheus-compose.yml"
 
 
 def tool(name: str) -> str:
@@ -34,6 +37,16 @@ def test_the_alert_rules_pass_promtool() -> None:
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_the_compose_scrape_config_passes_promtool() -> None:
+    # Also checks the rule files it loads (alerts.yml, next to it as in the container).
+    checked = subprocess.run(
+        [tool("promtool"), "check", "config", str(COMPOSE_CONFIG)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "1 rule files found" in checked.stdout, checked.stdout
 
 
 def metrics_port_of(process: ServiceProcess) -> int:
