@@ -22,10 +22,11 @@ endif
 export KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:59092
 
 .PHONY: help venv tools protos check-protos proto-deps breaking lint format certs token infra-up \
-        infra-down migrate run test dlq-replay events fuzz chaos chaos-cluster bench bench-e2e
+        infra-down migrate run test dlq-replay events fuzz chaos chaos-cluster bench bench-e2e \
+        k8s-validate k8s-secrets
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 venv: $(VENV)/.installed ## Create the virtualenv from the pinned lock files
 
@@ -35,8 +36,14 @@ $(VENV)/.installed: requirements.lock requirements-dev.lock pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
-tools: ## Install pinned grpcurl and buf into .local/bin
+tools: ## Install pinned grpcurl, buf, kustomize, kubeconform (.local/bin) and Kubernetes schemas
 	bash scripts/tools.sh
+
+k8s-validate: tools ## kustomize build deploy/k8s's base and overlays | kubeconform -strict, offline
+	bash scripts/k8s.sh validate
+
+k8s-secrets: certs ## Copy make certs' output into deploy/k8s/overlays/*/secrets (git ignores it)
+	bash scripts/k8s.sh secrets
 
 # The generated packages: ours, and gRPC reflection v1 (protos/grpc_reflection_v1/reflection.proto).
 GEN_PACKAGES := gen/ecommerce gen/grpc_reflection_v1
