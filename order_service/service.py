@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 import grpc
 from ecommerce.events.v1 import events_pb2
@@ -12,12 +16,15 @@ from ecommerce.v1 import orders_pb2, orders_pb2_grpc
 from psycopg2 import IntegrityError
 
 from order_service.status import (
+    CANCELLED,
     CREATED,
+    FINAL_STATUSES,
     parse_requested_status,
     status_from_column,
     status_to_column,
 )
 from order_service.status_changes import Applied, OrderRow, OrderStatusChanges, StatusChange
+from order_service.watch import OrderFeed
 from servicekit.access import AccessTable, ForUser, Owner, Workload, check_owner
 from servicekit.admission import PipelineDelayShedder
 from servicekit.call_scope import annotate_log
@@ -62,10 +69,24 @@ def _positive_amount(request: orders_pb2.CreateOrderRequest) -> Decimal:
 def parse_status_change(request: orders_pb2.UpdateOrderStatusRequest) -> StatusChange:
     order_id = parse_id(request.id)
     status = parse_requested_status(request.status)
-    reason = check_printable(request.reason.strip(), "reason", allow_line_breaks=True)
+    return StatusChange(order_id, status, parse_reason(request.reason))
+
+
+def parse_reason(reason: str) -> str:
+    reason = check_printable(reason.strip(), "reason", allow_line_breaks=True)
     if len(reason) > MAX_REASON_LENGTH:
         raise InvalidArgument("reason", f"must be at most {MAX_REASON_LENGTH} characters")
-    return StatusChange(order_id, status, reason)
+    return reason
+
+
+def with_change(order: orders_pb2.Order, change: events_pb2.OrderStatusChanged) -> orders_pb2.Order:
+    """`order` as it is after `change`."""
+    changed = orders_pb2.Order()
+    changed.CopyFrom(order)
+    changed.status = change.new_status
+    changed.status_reason = change.reason
+    changed.update_time.CopyFrom(change.occur_time)
+    return changed
 
 
 class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
@@ -77,6 +98,10 @@ class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
             self._database, self._orders_topic, self._event_source
         )
         self._shedder = PipelineDelayShedder(resources.settings.backpressure)
+        self._workers = resources.workers
+        self._feed = OrderFeed(resources.settings.kafka, resources.settings.service_name)
+        self._feed.start()
+        resources.on_stop.append(self._feed.stop)
 
     def CreateOrder(
         self, request: orders_pb2.CreateOrderRequest, context: grpc.ServicerContext
@@ -126,13 +151,46 @@ class OrderServicer(orders_pb2_grpc.OrderServiceServicer):
     def GetOrder(
         self, request: orders_pb2.GetOrderRequest, context: grpc.ServicerContext
     ) -> orders_pb2.Order:
+        return order_message(self._owned_order(parse_id(request.id)))
+
+    async def WatchOrder(
+        self, request: orders_pb2.WatchOrderRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[orders_pb2.Order]:
+        """The order now, then as each status change commits, until its status is final."""
         order_id = parse_id(request.id)
+        with self._feed.watch(order_id) as changes:
+            loop = asyncio.get_running_loop()
+            # The caller and the span go with the read (its context is a copy of this one).
+            read = contextvars.copy_context().run
+            row = await loop.run_in_executor(self._workers, read, self._owned_order, order_id)
+            order = order_message(row)
+            yield order
+            while order.status not in FINAL_STATUSES:
+                change = await changes.get()
+                if change.new_status != order.status:  # else: a redelivered event
+                    order = with_change(order, change)
+                    yield order
+
+    def CancelOrder(
+        self, request: orders_pb2.CancelOrderRequest, context: grpc.ServicerContext
+    ) -> orders_pb2.Order:
+        order_id = parse_id(request.id)
+        change = StatusChange(order_id, CANCELLED, parse_reason(request.reason))
+        self._owned_order(order_id)
+        (outcome,) = self._status_changes.apply([change]).outcomes
+        if isinstance(outcome, ServiceError):
+            raise outcome
+        return order_message(outcome)
+
+    def _owned_order(self, order_id: uuid.UUID) -> OrderRow:
+        """The order, if the caller may see it (AIP-211: a missing order is refused the same
+        way as another user's, so that ids cannot be probed)."""
         found = self._database.fetch_one(SELECT_ORDER, {"id": order_id})
         row = None if found is None else OrderRow(*found)
         check_owner(None if row is None else str(row.user_id), f"order {order_id}")
         if row is None:
             raise NotFound(f"order {order_id} does not exist", reason="ORDER_NOT_FOUND")
-        return order_message(row)
+        return row
 
     def ListOrders(
         self, request: orders_pb2.ListOrdersRequest, context: grpc.ServicerContext
@@ -207,6 +265,8 @@ def _update_result(outcome: OrderRow | ServiceError) -> orders_pb2.OrderStatusUp
 ACCESS: AccessTable = {
     "CreateOrder": ForUser("user_id"),
     "GetOrder": Owner(),
+    "WatchOrder": Owner(),
+    "CancelOrder": Owner(),
     "ListOrders": ForUser("user_id"),
     "UpdateOrderStatus": Workload("processor"),
     "BatchUpdateOrderStatus": Workload("processor"),

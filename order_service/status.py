@@ -1,4 +1,5 @@
-"""The order lifecycle: CREATED -> PROCESSED | FAILED, and nothing else."""
+"""The order lifecycle: CREATED -> PROCESSED | FAILED (the processor settles it) or CANCELLED (its
+owner cancels it first), and nothing else."""
 
 from __future__ import annotations
 
@@ -13,12 +14,17 @@ OrderStatus: TypeAlias = orders_pb2.OrderStatus.ValueType
 CREATED = orders_pb2.ORDER_STATUS_CREATED
 PROCESSED = orders_pb2.ORDER_STATUS_PROCESSED
 FAILED = orders_pb2.ORDER_STATUS_FAILED
+CANCELLED = orders_pb2.ORDER_STATUS_CANCELLED
 
 _ALLOWED_TRANSITIONS: dict[OrderStatus, frozenset[OrderStatus]] = {
-    CREATED: frozenset({PROCESSED, FAILED}),
+    CREATED: frozenset({PROCESSED, FAILED, CANCELLED}),
     PROCESSED: frozenset(),
     FAILED: frozenset(),
+    CANCELLED: frozenset(),
 }
+FINAL_STATUSES = frozenset(status for status, next in _ALLOWED_TRANSITIONS.items() if not next)
+# What UpdateOrderStatus may set: cancelling is CancelOrder's, for the order's owner.
+_SETTLEMENTS = frozenset({CREATED, PROCESSED, FAILED})
 _PREFIX = "ORDER_STATUS_"
 
 
@@ -31,7 +37,7 @@ def status_to_column(status: OrderStatus) -> str:
 
 
 def parse_requested_status(value: int) -> OrderStatus:
-    if value not in _ALLOWED_TRANSITIONS:
+    if value not in _SETTLEMENTS:
         raise InvalidArgument(
             "status",
             "must be ORDER_STATUS_CREATED, ORDER_STATUS_PROCESSED or ORDER_STATUS_FAILED",

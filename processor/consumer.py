@@ -22,6 +22,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from ecommerce.events.v1 import events_pb2
 from ecommerce.v1 import orders_pb2, orders_pb2_grpc
 from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
 from opentelemetry import trace
 from opentelemetry.trace import Span
 
@@ -44,6 +45,9 @@ ORDER_CREATED = events_pb2.OrderCreated.DESCRIPTOR.full_name
 ORDER_STATUS_CHANGED = events_pb2.OrderStatusChanged.DESCRIPTOR.full_name
 # A server that is shutting down cancels the calls it has not started yet: to the processor, which
 # never cancels its own calls, CANCELLED is as transient as UNAVAILABLE.
+# What order_service answers a settlement of an order whose status is already final (settled
+# by an earlier decision, or cancelled by its owner).
+FINAL_STATUS_REASON = "ORDER_STATUS_TRANSITION_NOT_ALLOWED"
 TRANSIENT_FOR_CALLBACK = TRANSIENT_CODES | {grpc.StatusCode.CANCELLED}
 # The callback is retried on these; only the transient ones are never given up on.
 RETRYABLE_CODES = TRANSIENT_FOR_CALLBACK | {grpc.StatusCode.NOT_FOUND}
@@ -374,7 +378,7 @@ class OrderEventProcessor:
             return []
         retry = []
         for order_id, result in zip(pending, response.results, strict=True):
-            if result.HasField("order"):
+            if result.HasField("order") or _already_final(result.error):
                 outcomes[order_id] = DONE
                 continue
             code = status_code(result.error.code)
@@ -494,3 +498,12 @@ def commit_on_revoke(consumer: Consumer, partitions: list[TopicPartition]) -> No
     except KafkaException as error:
         if error.args[0].code() != KafkaError._NO_OFFSET:
             log.warning("commit on revoke failed: %s", error)
+
+
+def _already_final(error: status_pb2.Status) -> bool:
+    """The order was settled or cancelled before this decision reached it: nothing left to do
+    (its event is no poison, so no dead letter)."""
+    info = error_details_pb2.ErrorInfo()
+    return status_code(error.code) == grpc.StatusCode.FAILED_PRECONDITION and any(
+        detail.Unpack(info) and info.reason == FINAL_STATUS_REASON for detail in error.details
+    )

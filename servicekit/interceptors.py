@@ -7,10 +7,10 @@ import asyncio
 import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import psycopg2
@@ -54,13 +54,15 @@ _DATABASE_UNREACHABLE = (
 
 
 class RpcBoundary(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Around each unary RPC of the service: authenticates the caller and applies the method's
-    access rule, maps domain errors to gRPC statuses, writes one JSON access-log line, and makes
-    the call's server span (continuing the caller's trace).
+    """Around each RPC of the service: authenticates the caller and applies the method's access
+    rule, maps domain errors to gRPC statuses, writes one JSON access-log line, and makes the
+    call's server span (continuing the caller's trace).
 
-    The handlers stay synchronous and run on `workers` once the request has arrived; the event
+    Unary handlers stay synchronous and run on `workers` once the request has arrived; the event
     loop only waits for them, so it notices at once when a call ends early (deadline, cancel)
-    and has the call's database work cancelled."""
+    and has the call's database work cancelled. Server-streaming handlers are async generators
+    on the event loop (an open stream holds no worker); they hand blocking work to the workers
+    themselves."""
 
     def __init__(
         self,
@@ -89,11 +91,21 @@ class RpcBoundary(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(handler_call_details)
         if handler is None or method.startswith(OPEN_SERVICES):
             return handler  # health and reflection: open to every certificate, none of ours
-        if (behavior := handler.unary_unary) is None:
-            # None of ours streams (start_service checks): whatever does is never run.
+        if handler.unary_unary is not None:
+            self._wrapped[method] = self._wrap(method, handler.unary_unary, handler)
+        elif handler.unary_stream is not None:
+            # Ours are async generators (see the class's docstring).
+            streaming = cast(Callable[[Any, Any], AsyncIterator[Any]], handler.unary_stream)
+            self._wrapped[method] = self._wrap_stream(method, streaming, handler)
+        else:
+            # None of ours streams requests (start_service checks): whatever does is never run.
             return None  # type: ignore[return-value]  # UNIMPLEMENTED
-        self._wrapped[method] = self._wrap(method, behavior, handler)
         return self._wrapped[method]
+
+    def _rule_of(self, method: str) -> Rule:
+        if method.startswith(self._prefix):
+            return self._access.get(method.removeprefix(self._prefix), _NO_RULE)
+        return _NO_RULE  # a method outside the table, or of another service: refused
 
     def _wrap(
         self,
@@ -101,10 +113,7 @@ class RpcBoundary(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         behavior: Callable[[Any, Any], Any],
         handler: grpc.RpcMethodHandler[Any, Any],
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        rule: Rule = _NO_RULE  # a method outside the table, or of another service: refused
-        if method.startswith(self._prefix):
-            rule = self._access.get(method.removeprefix(self._prefix), _NO_RULE)
-        call = _Call(method, rule)
+        call = _Call(method, self._rule_of(method))
 
         async def observed(request: Any, context: Any) -> Any:
             return await self._observe(call, behavior, request, context)
@@ -169,6 +178,64 @@ class RpcBoundary(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         log_outcome(grpc.StatusCode.OK)
         return response
 
+    def _wrap_stream(
+        self,
+        method: str,
+        behavior: Callable[[Any, Any], AsyncIterator[Any]],
+        handler: grpc.RpcMethodHandler[Any, Any],
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        call = _Call(method, self._rule_of(method))
+
+        async def observed(request: Any, context: Any) -> AsyncIterator[Any]:
+            with served_rpc(call.method, context.invocation_metadata()) as span:
+                async for response in self._stream(call, behavior, request, context, span):
+                    yield response
+
+        return grpc.unary_stream_rpc_method_handler(
+            observed,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    async def _stream(
+        self,
+        call: _Call,
+        behavior: Callable[[Any, Any], AsyncIterator[Any]],
+        request: Any,
+        context: Any,
+        span: Span,
+    ) -> AsyncIterator[Any]:
+        started = time.perf_counter()
+        caller: list[Caller] = []
+
+        def log_outcome(code: grpc.StatusCode) -> None:
+            rpc_ended(span, code)
+            _log_rpc(call.method, code, started, request, caller[0] if caller else None, {})
+
+        try:
+            # The token's signature check is CPU work: on a worker, like a unary call's.
+            caller.append(
+                await asyncio.get_running_loop().run_in_executor(
+                    self._workers, self._authenticate, call.rule, context
+                )
+            )
+            call.rule.check(caller[0], request)
+            with calling_as(caller[0]):
+                async for response in behavior(request, context):
+                    yield response
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            timed_out = remaining is not None and remaining <= 0
+            log_outcome(
+                grpc.StatusCode.DEADLINE_EXCEEDED if timed_out else grpc.StatusCode.CANCELLED
+            )
+            raise
+        except Exception as error:
+            failure = _as_service_error(error, None, call.method)
+            log_outcome(failure.code)
+            await _abort(context, failure)
+        log_outcome(grpc.StatusCode.OK)
+
     def _handle(
         self,
         call: _Call,
@@ -224,7 +291,7 @@ async def _abort(context: Any, error: ServiceError) -> None:
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
-def _as_service_error(error: Exception, scope: CallScope, method: str) -> ServiceError:
+def _as_service_error(error: Exception, scope: CallScope | None, method: str) -> ServiceError:
     if isinstance(error, ServiceError):
         return error
     if isinstance(error, _DATABASE_UNREACHABLE):
@@ -234,11 +301,11 @@ def _as_service_error(error: Exception, scope: CallScope, method: str) -> Servic
     return ServiceError("internal error; it has been logged")
 
 
-def _database_failure(error: Exception, scope: CallScope, method: str) -> ServiceError:
+def _database_failure(error: Exception, scope: CallScope | None, method: str) -> ServiceError:
     if getattr(getattr(error, "orig", error), "pgcode", None) == QUERY_CANCELED:
-        if scope.deadline_passed():
+        if scope is not None and scope.deadline_passed():
             return DeadlineExceeded("a database statement ran past the call's deadline")
-        if scope.cancelled:
+        if scope is not None and scope.cancelled:
             return Cancelled("the call was cancelled")
         return DeadlineExceeded("a database statement ran past DB_STATEMENT_TIMEOUT_SECONDS")
     log.warning("database unreachable", exc_info=True, extra={"fields": {"method": method}})

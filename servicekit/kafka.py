@@ -181,9 +181,9 @@ _CONSUME = (AclOperation.READ, AclOperation.DESCRIBE)
 
 def access_grants(settings: KafkaSettings, processor_group: str) -> list[Grant]:
     """Who may do what on the broker: each service writes its own topic only, in transactions
-    of its relays' id; the processor reads the orders topic in its group and writes only the
-    DLQ; the DLQ replay (its own principal) reads the DLQ and writes back to the orders topic.
-    Everyone else is refused."""
+    of its relays' id, and order_service reads its own (in no group); the processor reads the
+    orders topic in its group and writes only the DLQ; the DLQ replay (its own principal) reads
+    the DLQ and writes back to the orders topic. Everyone else is refused."""
     topic, group, transactional_id = (
         ResourceType.TOPIC,
         ResourceType.GROUP,
@@ -196,6 +196,8 @@ def access_grants(settings: KafkaSettings, processor_group: str) -> list[Grant]:
             Grant(name, transactional_id, relay_transactional_id(settings, name), _PRODUCE)
             for name in services
         ),
+        # WatchOrder's feed reads every status change, in no group (order_service.watch).
+        Grant("order_service", topic, settings.orders_topic, (AclOperation.READ,)),
         Grant("processor", topic, settings.orders_topic, _CONSUME),
         Grant("processor", group, processor_group, _CONSUME),
         Grant("processor", topic, settings.orders_dlq_topic, _PRODUCE),

@@ -53,7 +53,9 @@ class OrderRecord(RequestIdColumn, Base):
     __table_args__ = (
         CheckConstraint("amount > 0", name="amount_positive"),
         CheckConstraint("currency_code ~ '^[A-Z]{3}$'", name="currency_code_iso4217"),
-        CheckConstraint("status IN ('CREATED', 'PROCESSED', 'FAILED')", name="status_known"),
+        CheckConstraint(
+            "status IN ('CREATED', 'PROCESSED', 'FAILED', 'CANCELLED')", name="status_known"
+        ),
         Index("orders_create_time_id_idx", "create_time", "id"),
         Index("orders_user_id_create_time_id_idx", "user_id", "create_time", "id"),
     )

@@ -11,7 +11,7 @@ import sys
 import threading
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, TypeVar
 
@@ -19,7 +19,6 @@ import grpc
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # not in the stubs
-from grpc_reflection.v1alpha import reflection
 from sqlalchemy import Engine
 
 from servicekit.access import AccessTable
@@ -29,6 +28,7 @@ from servicekit.jsonlog import configure_logging
 from servicekit.kafka import relay_transactional_id
 from servicekit.metrics import DB_CONNECTIONS_IN_USE, MetricsEndpoint
 from servicekit.outbox import OutboxRelay, event_source, oldest_unpublished_age
+from servicekit.reflection import enable_reflection
 from servicekit.settings import ServiceSettings, SettingsError, TlsSettings
 from servicekit.sql import Database
 from servicekit.tls import server_credentials
@@ -55,6 +55,10 @@ class ServiceResources:
 
     database: Database
     settings: ServiceSettings
+    # Where async handlers (streams) run blocking work, as unary handlers run on it.
+    workers: futures.Executor
+    # What the servicer started and must stop with the service (called in order, once).
+    on_stop: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def event_source(self) -> str:
@@ -134,9 +138,7 @@ class GrpcServer:
         register(server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         if endpoint.reflection:
-            reflection.enable_server_reflection(
-                [endpoint.name, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-            )
+            enable_reflection([endpoint.name, health.SERVICE_NAME], server)
         await self._set_serving(False)
         port = _listen(server, endpoint)
         await server.start()
@@ -255,6 +257,7 @@ class RunningService:
         monitor: HealthWatch,
         relay: OutboxRelay | None,
         metrics: MetricsEndpoint,
+        on_stop: list[Callable[[], None]],
     ) -> None:
         self.server = server
         self.port = server.port
@@ -262,12 +265,15 @@ class RunningService:
         self.relay = relay
         self._engine = engine
         self._monitor = monitor
+        self._on_stop = on_stop
 
     def stop(self, grace_seconds: float) -> None:
         """Reject new RPCs, give in-flight ones `grace_seconds` to finish, let the relay publish
         what they committed, then release the pool."""
         self._monitor.stop()
         self.server.stop(grace_seconds)
+        for stop in self._on_stop:
+            stop()
         if self.relay is not None:
             self.relay.stop()
         self._engine.dispose()
@@ -295,15 +301,15 @@ def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
 
 
 def check_access_table(definition: ServiceDefinition) -> None:
-    """Every method of the service is unary and has a rule, and every rule names a method: a
-    typo must not leave a method refused, nor a new method open."""
+    """Every method of the service takes one request and has a rule, and every rule names a
+    method: a typo must not leave a method refused, nor a new method open."""
     service = descriptor_pool.Default().FindServiceByName(definition.full_name)
     methods = {method.name: method for method in service.methods}
-    streaming = [m.name for m in methods.values() if m.client_streaming or m.server_streaming]
+    streaming = [m.name for m in methods.values() if m.client_streaming]
     missing, unknown = set(methods) - set(definition.access), set(definition.access) - set(methods)
     if streaming or missing or unknown:
         raise TypeError(
-            f"{definition.full_name}: streaming {sorted(streaming)}, without a rule"
+            f"{definition.full_name}: client streaming {sorted(streaming)}, without a rule"
             f" {sorted(missing)}, rules for no method {sorted(unknown)}"
         )
 
@@ -313,10 +319,10 @@ def start_service(definition: ServiceDefinition, settings: ServiceSettings) -> R
     check_access_table(definition)
     tokens = TokenVerifier(settings.auth)  # a missing key file stops the start, before any port
     engine = create_db_engine(settings)
-    resources = ServiceResources(Database(engine), settings)
     workers = futures.ThreadPoolExecutor(
         max_workers=settings.max_workers, thread_name_prefix=settings.service_name
     )
+    resources = ServiceResources(Database(engine), settings, workers)
     try:
         server = GrpcServer(
             Endpoint(
@@ -354,7 +360,7 @@ def start_service(definition: ServiceDefinition, settings: ServiceSettings) -> R
     monitor.start()
     DB_CONNECTIONS_IN_USE.set_function(engine.pool.checkedout)  # type: ignore[attr-defined]
     metrics = MetricsEndpoint(settings.metrics_host, settings.metrics_port)
-    return RunningService(server, engine, monitor, relay, metrics)
+    return RunningService(server, engine, monitor, relay, metrics, resources.on_stop)
 
 
 def install_stop_signals() -> threading.Event:

@@ -335,7 +335,7 @@ class ServiceSettings:
             database_url=database_url(env, service_name),
             max_workers=max_workers,
             max_message_bytes=env_int(env, "GRPC_MAX_MESSAGE_BYTES", 1024 * 1024, minimum=1024),
-            max_concurrent_rpcs=env_int(env, "GRPC_MAX_CONCURRENT_RPCS", 1000, minimum=1),
+            max_concurrent_rpcs=env_int(env, "GRPC_MAX_CONCURRENT_RPCS", 5000, minimum=1),
             max_connection_idle_seconds=env_float(env, "GRPC_MAX_CONNECTION_IDLE_SECONDS", 300.0),
             max_connection_age_seconds=env_float(env, "GRPC_MAX_CONNECTION_AGE_SECONDS", 1800.0),
             # One connection per RPC thread and one for the health probe: a pool smaller than

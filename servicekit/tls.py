@@ -67,8 +67,11 @@ def open_channel(
     return grpc.intercept_channel(channel, TracedCalls(), BearerToken(token))
 
 
-class BearerToken(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
-    """Adds `authorization: Bearer <token>` to every unary call of a channel."""
+class BearerToken(
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
+):
+    """Adds `authorization: Bearer <token>` to every call of a channel (unary or streamed)."""
 
     def __init__(self, token: str) -> None:
         self._metadata = ("authorization", f"Bearer {token}")
@@ -76,8 +79,16 @@ class BearerToken(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
     def intercept_unary_unary(
         self, continuation: Any, client_call_details: Any, request: Any
     ) -> Any:
+        return continuation(self._with_token(client_call_details), request)
+
+    def intercept_unary_stream(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
+        return continuation(self._with_token(client_call_details), request)
+
+    def _with_token(self, client_call_details: Any) -> Any:
         metadata = [*(client_call_details.metadata or ()), self._metadata]
-        return continuation(client_call_details._replace(metadata=metadata), request)
+        return client_call_details._replace(metadata=metadata)
 
 
 def peer_workload(context: grpc.ServicerContext) -> str | None:

@@ -6,7 +6,7 @@ whole table, so they cover the new column.
 
 Revision ID: 0005
 Revises: 0004
-Create Date: 2026-12-01
+Create Date: 2026-11-27
 """
 
 from collections.abc import Sequence

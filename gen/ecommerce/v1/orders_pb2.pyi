@@ -35,6 +35,8 @@ class _OrderStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OrderStat
     """Processed successfully. Terminal."""
     ORDER_STATUS_FAILED: _OrderStatus.ValueType  # 3
     """Rejected by processing; status_reason says why. Terminal."""
+    ORDER_STATUS_CANCELLED: _OrderStatus.ValueType  # 4
+    """Cancelled by its owner (or an admin) before it was settled; status_reason says why. Terminal."""
 
 class OrderStatus(_OrderStatus, metaclass=_OrderStatusEnumTypeWrapper):
     """Where an order is in its lifecycle.
@@ -48,6 +50,8 @@ ORDER_STATUS_PROCESSED: OrderStatus.ValueType  # 2
 """Processed successfully. Terminal."""
 ORDER_STATUS_FAILED: OrderStatus.ValueType  # 3
 """Rejected by processing; status_reason says why. Terminal."""
+ORDER_STATUS_CANCELLED: OrderStatus.ValueType  # 4
+"""Cancelled by its owner (or an admin) before it was settled; status_reason says why. Terminal."""
 Global___OrderStatus: _TypeAlias = OrderStatus  # noqa: Y015
 
 @_typing.final
@@ -150,6 +154,54 @@ class GetOrderRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetOrderRequest: _TypeAlias = GetOrderRequest  # noqa: Y015
+
+@_typing.final
+class WatchOrderRequest(_message.Message):
+    """The order WatchOrder streams."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Required. The order's UUID."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchOrderRequest: _TypeAlias = WatchOrderRequest  # noqa: Y015
+
+@_typing.final
+class CancelOrderRequest(_message.Message):
+    """The order CancelOrder cancels, and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Required. The order's UUID."""
+    reason: _builtins.str
+    """Why; at most 1000 characters."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelOrderRequest: _TypeAlias = CancelOrderRequest  # noqa: Y015
 
 @_typing.final
 class ListOrdersRequest(_message.Message):

@@ -45,6 +45,16 @@ class OrderServiceStub:
                 request_serializer=ecommerce_dot_v1_dot_orders__pb2.GetOrderRequest.SerializeToString,
                 response_deserializer=ecommerce_dot_v1_dot_orders__pb2.Order.FromString,
                 _registered_method=True)
+        self.WatchOrder = channel.unary_stream(
+                '/ecommerce.v1.OrderService/WatchOrder',
+                request_serializer=ecommerce_dot_v1_dot_orders__pb2.WatchOrderRequest.SerializeToString,
+                response_deserializer=ecommerce_dot_v1_dot_orders__pb2.Order.FromString,
+                _registered_method=True)
+        self.CancelOrder = channel.unary_unary(
+                '/ecommerce.v1.OrderService/CancelOrder',
+                request_serializer=ecommerce_dot_v1_dot_orders__pb2.CancelOrderRequest.SerializeToString,
+                response_deserializer=ecommerce_dot_v1_dot_orders__pb2.Order.FromString,
+                _registered_method=True)
         self.ListOrders = channel.unary_unary(
                 '/ecommerce.v1.OrderService/ListOrders',
                 request_serializer=ecommerce_dot_v1_dot_orders__pb2.ListOrdersRequest.SerializeToString,
@@ -75,6 +85,23 @@ class OrderServiceServicer:
 
     def GetOrder(self, request, context):
         """Returns one order by id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchOrder(self, request, context):
+        """Streams the order now, then the order again as each status change commits; ends once its
+        status is final (PROCESSED, FAILED or CANCELLED). Ends with the caller's deadline too.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelOrder(self, request, context):
+        """Cancels an order that is not settled yet (AIP-136): CREATED -> CANCELLED, announced by an
+        OrderStatusChanged event. Cancelling a cancelled order is a no-op; a settled one is
+        FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -113,6 +140,16 @@ def add_OrderServiceServicer_to_server(servicer, server):
             'GetOrder': grpc.unary_unary_rpc_method_handler(
                     servicer.GetOrder,
                     request_deserializer=ecommerce_dot_v1_dot_orders__pb2.GetOrderRequest.FromString,
+                    response_serializer=ecommerce_dot_v1_dot_orders__pb2.Order.SerializeToString,
+            ),
+            'WatchOrder': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchOrder,
+                    request_deserializer=ecommerce_dot_v1_dot_orders__pb2.WatchOrderRequest.FromString,
+                    response_serializer=ecommerce_dot_v1_dot_orders__pb2.Order.SerializeToString,
+            ),
+            'CancelOrder': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelOrder,
+                    request_deserializer=ecommerce_dot_v1_dot_orders__pb2.CancelOrderRequest.FromString,
                     response_serializer=ecommerce_dot_v1_dot_orders__pb2.Order.SerializeToString,
             ),
             'ListOrders': grpc.unary_unary_rpc_method_handler(
@@ -185,6 +222,60 @@ class OrderService:
             target,
             '/ecommerce.v1.OrderService/GetOrder',
             ecommerce_dot_v1_dot_orders__pb2.GetOrderRequest.SerializeToString,
+            ecommerce_dot_v1_dot_orders__pb2.Order.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchOrder(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ecommerce.v1.OrderService/WatchOrder',
+            ecommerce_dot_v1_dot_orders__pb2.WatchOrderRequest.SerializeToString,
+            ecommerce_dot_v1_dot_orders__pb2.Order.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelOrder(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ecommerce.v1.OrderService/CancelOrder',
+            ecommerce_dot_v1_dot_orders__pb2.CancelOrderRequest.SerializeToString,
             ecommerce_dot_v1_dot_orders__pb2.Order.FromString,
             options,
             channel_credentials,

@@ -37,6 +37,15 @@ class OrderServiceStub:
     """Creates an order in ORDER_STATUS_CREATED. Retrying with the same request_id returns the first result."""
     GetOrder: _grpc.UnaryUnaryMultiCallable[_orders_pb2.GetOrderRequest, _orders_pb2.Order]
     """Returns one order by id."""
+    WatchOrder: _grpc.UnaryStreamMultiCallable[_orders_pb2.WatchOrderRequest, _orders_pb2.Order]
+    """Streams the order now, then the order again as each status change commits; ends once its
+    status is final (PROCESSED, FAILED or CANCELLED). Ends with the caller's deadline too.
+    """
+    CancelOrder: _grpc.UnaryUnaryMultiCallable[_orders_pb2.CancelOrderRequest, _orders_pb2.Order]
+    """Cancels an order that is not settled yet (AIP-136): CREATED -> CANCELLED, announced by an
+    OrderStatusChanged event. Cancelling a cancelled order is a no-op; a settled one is
+    FAILED_PRECONDITION.
+    """
     ListOrders: _grpc.UnaryUnaryMultiCallable[_orders_pb2.ListOrdersRequest, _orders_pb2.ListOrdersResponse]
     """Lists orders, oldest first, optionally of one user (AIP-158 pagination)."""
     UpdateOrderStatus: _grpc.UnaryUnaryMultiCallable[_orders_pb2.UpdateOrderStatusRequest, _orders_pb2.Order]
@@ -55,6 +64,15 @@ class OrderServiceAsyncStub(OrderServiceStub):
     """Creates an order in ORDER_STATUS_CREATED. Retrying with the same request_id returns the first result."""
     GetOrder: _aio.UnaryUnaryMultiCallable[_orders_pb2.GetOrderRequest, _orders_pb2.Order]  # type: ignore[assignment]
     """Returns one order by id."""
+    WatchOrder: _aio.UnaryStreamMultiCallable[_orders_pb2.WatchOrderRequest, _orders_pb2.Order]  # type: ignore[assignment]
+    """Streams the order now, then the order again as each status change commits; ends once its
+    status is final (PROCESSED, FAILED or CANCELLED). Ends with the caller's deadline too.
+    """
+    CancelOrder: _aio.UnaryUnaryMultiCallable[_orders_pb2.CancelOrderRequest, _orders_pb2.Order]  # type: ignore[assignment]
+    """Cancels an order that is not settled yet (AIP-136): CREATED -> CANCELLED, announced by an
+    OrderStatusChanged event. Cancelling a cancelled order is a no-op; a settled one is
+    FAILED_PRECONDITION.
+    """
     ListOrders: _aio.UnaryUnaryMultiCallable[_orders_pb2.ListOrdersRequest, _orders_pb2.ListOrdersResponse]  # type: ignore[assignment]
     """Lists orders, oldest first, optionally of one user (AIP-158 pagination)."""
     UpdateOrderStatus: _aio.UnaryUnaryMultiCallable[_orders_pb2.UpdateOrderStatusRequest, _orders_pb2.Order]  # type: ignore[assignment]
@@ -82,6 +100,27 @@ class OrderServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_orders_pb2.Order, _abc.Awaitable[_orders_pb2.Order]]:
         """Returns one order by id."""
+
+    @_abc_1.abstractmethod
+    def WatchOrder(
+        self,
+        request: _orders_pb2.WatchOrderRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_orders_pb2.Order], _abc.AsyncIterator[_orders_pb2.Order]]:
+        """Streams the order now, then the order again as each status change commits; ends once its
+        status is final (PROCESSED, FAILED or CANCELLED). Ends with the caller's deadline too.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelOrder(
+        self,
+        request: _orders_pb2.CancelOrderRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orders_pb2.Order, _abc.Awaitable[_orders_pb2.Order]]:
+        """Cancels an order that is not settled yet (AIP-136): CREATED -> CANCELLED, announced by an
+        OrderStatusChanged event. Cancelling a cancelled order is a no-op; a settled one is
+        FAILED_PRECONDITION.
+        """
 
     @_abc_1.abstractmethod
     def ListOrders(
