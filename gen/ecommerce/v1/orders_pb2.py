@@ -22,42 +22,59 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from google.type import money_pb2 as google_dot_type_dot_money__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x63ommerce/v1/orders.proto\x12\x0c\x65\x63ommerce.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x17google/type/money.proto\"\xec\x01\n\x05Order\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\"\n\x06\x61mount\x18\x03 \x01(\x0b\x32\x12.google.type.Money\x12)\n\x06status\x18\x04 \x01(\x0e\x32\x19.ecommerce.v1.OrderStatus\x12\x15\n\rstatus_reason\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"]\n\x12\x43reateOrderRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\"\n\x06\x61mount\x18\x02 \x01(\x0b\x32\x12.google.type.Money\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x1d\n\x0fGetOrderRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1f\n\x11WatchOrderRequest\x12\n\n\x02id\x18\x01 \x01(\t\"0\n\x12\x43\x61ncelOrderRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"K\n\x11ListOrdersRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"R\n\x12ListOrdersResponse\x12#\n\x06orders\x18\x01 \x03(\x0b\x32\x13.ecommerce.v1.Order\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"a\n\x18UpdateOrderStatusRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x06status\x18\x02 \x01(\x0e\x32\x19.ecommerce.v1.OrderStatus\x12\x0e\n\x06reason\x18\x03 \x01(\t\"Y\n\x1d\x42\x61tchUpdateOrderStatusRequest\x12\x38\n\x08requests\x18\x01 \x03(\x0b\x32&.ecommerce.v1.UpdateOrderStatusRequest\"X\n\x1e\x42\x61tchUpdateOrderStatusResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.ecommerce.v1.OrderStatusUpdateResult\"n\n\x17OrderStatusUpdateResult\x12$\n\x05order\x18\x01 \x01(\x0b\x32\x13.ecommerce.v1.OrderH\x00\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\x08\n\x06result*\x96\x01\n\x0bOrderStatus\x12\x1c\n\x18ORDER_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14ORDER_STATUS_CREATED\x10\x01\x12\x1a\n\x16ORDER_STATUS_PROCESSED\x10\x02\x12\x17\n\x13ORDER_STATUS_FAILED\x10\x03\x12\x1a\n\x16ORDER_STATUS_CANCELLED\x10\x04\x32\xb8\x04\n\x0cOrderService\x12\x44\n\x0b\x43reateOrder\x12 .ecommerce.v1.CreateOrderRequest\x1a\x13.ecommerce.v1.Order\x12>\n\x08GetOrder\x12\x1d.ecommerce.v1.GetOrderRequest\x1a\x13.ecommerce.v1.Order\x12\x44\n\nWatchOrder\x12\x1f.ecommerce.v1.WatchOrderRequest\x1a\x13.ecommerce.v1.Order0\x01\x12\x44\n\x0b\x43\x61ncelOrder\x12 .ecommerce.v1.CancelOrderRequest\x1a\x13.ecommerce.v1.Order\x12O\n\nListOrders\x12\x1f.ecommerce.v1.ListOrdersRequest\x1a .ecommerce.v1.ListOrdersResponse\x12P\n\x11UpdateOrderStatus\x12&.ecommerce.v1.UpdateOrderStatusRequest\x1a\x13.ecommerce.v1.Order\x12s\n\x16\x42\x61tchUpdateOrderStatus\x12+.ecommerce.v1.BatchUpdateOrderStatusRequest\x1a,.ecommerce.v1.BatchUpdateOrderStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x63ommerce/v1/orders.proto\x12\x0c\x65\x63ommerce.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x17google/type/money.proto\"\xec\x01\n\x05Order\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\"\n\x06\x61mount\x18\x03 \x01(\x0b\x32\x12.google.type.Money\x12)\n\x06status\x18\x04 \x01(\x0e\x32\x19.ecommerce.v1.OrderStatus\x12\x15\n\rstatus_reason\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"i\n\x12\x43reateOrderRequest\x12\x15\n\x07user_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12(\n\x06\x61mount\x18\x02 \x01(\x0b\x32\x12.google.type.MoneyB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"#\n\x0fGetOrderRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"%\n\x11WatchOrderRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"6\n\x12\x43\x61ncelOrderRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06reason\x18\x02 \x01(\t\"K\n\x11ListOrdersRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"R\n\x12ListOrdersResponse\x12#\n\x06orders\x18\x01 \x03(\x0b\x32\x13.ecommerce.v1.Order\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"m\n\x18UpdateOrderStatusRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12/\n\x06status\x18\x02 \x01(\x0e\x32\x19.ecommerce.v1.OrderStatusB\x04\xe2\x41\x01\x02\x12\x0e\n\x06reason\x18\x03 \x01(\t\"_\n\x1d\x42\x61tchUpdateOrderStatusRequest\x12>\n\x08requests\x18\x01 \x03(\x0b\x32&.ecommerce.v1.UpdateOrderStatusRequestB\x04\xe2\x41\x01\x02\"X\n\x1e\x42\x61tchUpdateOrderStatusResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.ecommerce.v1.OrderStatusUpdateResult\"n\n\x17OrderStatusUpdateResult\x12$\n\x05order\x18\x01 \x01(\x0b\x32\x13.ecommerce.v1.OrderH\x00\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\x08\n\x06result*\x96\x01\n\x0bOrderStatus\x12\x1c\n\x18ORDER_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14ORDER_STATUS_CREATED\x10\x01\x12\x1a\n\x16ORDER_STATUS_PROCESSED\x10\x02\x12\x17\n\x13ORDER_STATUS_FAILED\x10\x03\x12\x1a\n\x16ORDER_STATUS_CANCELLED\x10\x04\x32\xb8\x04\n\x0cOrderService\x12\x44\n\x0b\x43reateOrder\x12 .ecommerce.v1.CreateOrderRequest\x1a\x13.ecommerce.v1.Order\x12>\n\x08GetOrder\x12\x1d.ecommerce.v1.GetOrderRequest\x1a\x13.ecommerce.v1.Order\x12\x44\n\nWatchOrder\x12\x1f.ecommerce.v1.WatchOrderRequest\x1a\x13.ecommerce.v1.Order0\x01\x12\x44\n\x0b\x43\x61ncelOrder\x12 .ecommerce.v1.CancelOrderRequest\x1a\x13.ecommerce.v1.Order\x12O\n\nListOrders\x12\x1f.ecommerce.v1.ListOrdersRequest\x1a .ecommerce.v1.ListOrdersResponse\x12P\n\x11UpdateOrderStatus\x12&.ecommerce.v1.UpdateOrderStatusRequest\x1a\x13.ecommerce.v1.Order\x12s\n\x16\x42\x61tchUpdateOrderStatus\x12+.ecommerce.v1.BatchUpdateOrderStatusRequest\x1a,.ecommerce.v1.BatchUpdateOrderStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ecommerce.v1.orders_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ORDERSTATUS']._serialized_start=1128
-  _globals['_ORDERSTATUS']._serialized_end=1278
-  _globals['_ORDER']._serialized_start=127
-  _globals['_ORDER']._serialized_end=363
-  _globals['_CREATEORDERREQUEST']._serialized_start=365
-  _globals['_CREATEORDERREQUEST']._serialized_end=458
-  _globals['_GETORDERREQUEST']._serialized_start=460
-  _globals['_GETORDERREQUEST']._serialized_end=489
-  _globals['_WATCHORDERREQUEST']._serialized_start=491
-  _globals['_WATCHORDERREQUEST']._serialized_end=522
-  _globals['_CANCELORDERREQUEST']._serialized_start=524
-  _globals['_CANCELORDERREQUEST']._serialized_end=572
-  _globals['_LISTORDERSREQUEST']._serialized_start=574
-  _globals['_LISTORDERSREQUEST']._serialized_end=649
-  _globals['_LISTORDERSRESPONSE']._serialized_start=651
-  _globals['_LISTORDERSRESPONSE']._serialized_end=733
-  _globals['_UPDATEORDERSTATUSREQUEST']._serialized_start=735
-  _globals['_UPDATEORDERSTATUSREQUEST']._serialized_end=832
-  _globals['_BATCHUPDATEORDERSTATUSREQUEST']._serialized_start=834
-  _globals['_BATCHUPDATEORDERSTATUSREQUEST']._serialized_end=923
-  _globals['_BATCHUPDATEORDERSTATUSRESPONSE']._serialized_start=925
-  _globals['_BATCHUPDATEORDERSTATUSRESPONSE']._serialized_end=1013
-  _globals['_ORDERSTATUSUPDATERESULT']._serialized_start=1015
-  _globals['_ORDERSTATUSUPDATERESULT']._serialized_end=1125
-  _globals['_ORDERSERVICE']._serialized_start=1281
-  _globals['_ORDERSERVICE']._serialized_end=1849
+  _globals['_CREATEORDERREQUEST'].fields_by_name['user_id']._loaded_options = None
+  _globals['_CREATEORDERREQUEST'].fields_by_name['user_id']._serialized_options = b'\342A\001\002'
+  _globals['_CREATEORDERREQUEST'].fields_by_name['amount']._loaded_options = None
+  _globals['_CREATEORDERREQUEST'].fields_by_name['amount']._serialized_options = b'\342A\001\002'
+  _globals['_GETORDERREQUEST'].fields_by_name['id']._loaded_options = None
+  _globals['_GETORDERREQUEST'].fields_by_name['id']._serialized_options = b'\342A\001\002'
+  _globals['_WATCHORDERREQUEST'].fields_by_name['id']._loaded_options = None
+  _globals['_WATCHORDERREQUEST'].fields_by_name['id']._serialized_options = b'\342A\001\002'
+  _globals['_CANCELORDERREQUEST'].fields_by_name['id']._loaded_options = None
+  _globals['_CANCELORDERREQUEST'].fields_by_name['id']._serialized_options = b'\342A\001\002'
+  _globals['_UPDATEORDERSTATUSREQUEST'].fields_by_name['id']._loaded_options = None
+  _globals['_UPDATEORDERSTATUSREQUEST'].fields_by_name['id']._serialized_options = b'\342A\001\002'
+  _globals['_UPDATEORDERSTATUSREQUEST'].fields_by_name['status']._loaded_options = None
+  _globals['_UPDATEORDERSTATUSREQUEST'].fields_by_name['status']._serialized_options = b'\342A\001\002'
+  _globals['_BATCHUPDATEORDERSTATUSREQUEST'].fields_by_name['requests']._loaded_options = None
+  _globals['_BATCHUPDATEORDERSTATUSREQUEST'].fields_by_name['requests']._serialized_options = b'\342A\001\002'
+  _globals['_ORDERSTATUS']._serialized_start=1209
+  _globals['_ORDERSTATUS']._serialized_end=1359
+  _globals['_ORDER']._serialized_start=160
+  _globals['_ORDER']._serialized_end=396
+  _globals['_CREATEORDERREQUEST']._serialized_start=398
+  _globals['_CREATEORDERREQUEST']._serialized_end=503
+  _globals['_GETORDERREQUEST']._serialized_start=505
+  _globals['_GETORDERREQUEST']._serialized_end=540
+  _globals['_WATCHORDERREQUEST']._serialized_start=542
+  _globals['_WATCHORDERREQUEST']._serialized_end=579
+  _globals['_CANCELORDERREQUEST']._serialized_start=581
+  _globals['_CANCELORDERREQUEST']._serialized_end=635
+  _globals['_LISTORDERSREQUEST']._serialized_start=637
+  _globals['_LISTORDERSREQUEST']._serialized_end=712
+  _globals['_LISTORDERSRESPONSE']._serialized_start=714
+  _globals['_LISTORDERSRESPONSE']._serialized_end=796
+  _globals['_UPDATEORDERSTATUSREQUEST']._serialized_start=798
+  _globals['_UPDATEORDERSTATUSREQUEST']._serialized_end=907
+  _globals['_BATCHUPDATEORDERSTATUSREQUEST']._serialized_start=909
+  _globals['_BATCHUPDATEORDERSTATUSREQUEST']._serialized_end=1004
+  _globals['_BATCHUPDATEORDERSTATUSRESPONSE']._serialized_start=1006
+  _globals['_BATCHUPDATEORDERSTATUSRESPONSE']._serialized_end=1094
+  _globals['_ORDERSTATUSUPDATERESULT']._serialized_start=1096
+  _globals['_ORDERSTATUSUPDATERESULT']._serialized_end=1206
+  _globals['_ORDERSERVICE']._serialized_start=1362
+  _globals['_ORDERSERVICE']._serialized_end=1930
 # @@protoc_insertion_point(module_scope)

@@ -29,6 +29,7 @@ class _OrderStatus:
 class _OrderStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OrderStatus.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     ORDER_STATUS_UNSPECIFIED: _OrderStatus.ValueType  # 0
+    """The zero value: no order has it."""
     ORDER_STATUS_CREATED: _OrderStatus.ValueType  # 1
     """Accepted and waiting to be processed."""
     ORDER_STATUS_PROCESSED: _OrderStatus.ValueType  # 2
@@ -44,6 +45,7 @@ class OrderStatus(_OrderStatus, metaclass=_OrderStatusEnumTypeWrapper):
     """
 
 ORDER_STATUS_UNSPECIFIED: OrderStatus.ValueType  # 0
+"""The zero value: no order has it."""
 ORDER_STATUS_CREATED: OrderStatus.ValueType  # 1
 """Accepted and waiting to be processed."""
 ORDER_STATUS_PROCESSED: OrderStatus.ValueType  # 2
@@ -72,6 +74,7 @@ class Order(_message.Message):
     user_id: _builtins.str
     """The UUID of the user who placed the order."""
     status: Global___OrderStatus.ValueType
+    """Where the order is in its lifecycle."""
     status_reason: _builtins.str
     """Why the order has its status (set by UpdateOrderStatus)."""
     @_builtins.property
@@ -107,18 +110,20 @@ Global___Order: _TypeAlias = Order  # noqa: Y015
 
 @_typing.final
 class CreateOrderRequest(_message.Message):
+    """The order to create."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     USER_ID_FIELD_NUMBER: _builtins.int
     AMOUNT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
-    """Required. The UUID of an existing user."""
+    """The UUID of an existing user."""
     request_id: _builtins.str
     """Optional UUID (AIP-155). A retry with the same request_id creates nothing new."""
     @_builtins.property
     def amount(self) -> _money_pb2.Money:
-        """Required. Greater than zero; currency_code is three upper-case letters."""
+        """Greater than zero; currency_code is three upper-case letters."""
 
     def __init__(
         self,
@@ -137,11 +142,13 @@ Global___CreateOrderRequest: _TypeAlias = CreateOrderRequest  # noqa: Y015
 
 @_typing.final
 class GetOrderRequest(_message.Message):
+    """Which order to return."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Required. The order's UUID."""
+    """The order's UUID."""
     def __init__(
         self,
         *,
@@ -163,7 +170,7 @@ class WatchOrderRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Required. The order's UUID."""
+    """The order's UUID."""
     def __init__(
         self,
         *,
@@ -186,7 +193,7 @@ class CancelOrderRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Required. The order's UUID."""
+    """The order's UUID."""
     reason: _builtins.str
     """Why; at most 1000 characters."""
     def __init__(
@@ -205,6 +212,8 @@ Global___CancelOrderRequest: _TypeAlias = CancelOrderRequest  # noqa: Y015
 
 @_typing.final
 class ListOrdersRequest(_message.Message):
+    """Which page of orders to return (AIP-158)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     USER_ID_FIELD_NUMBER: _builtins.int
@@ -233,6 +242,8 @@ Global___ListOrdersRequest: _TypeAlias = ListOrdersRequest  # noqa: Y015
 
 @_typing.final
 class ListOrdersResponse(_message.Message):
+    """One page of orders, oldest first."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORDERS_FIELD_NUMBER: _builtins.int
@@ -240,7 +251,9 @@ class ListOrdersResponse(_message.Message):
     next_page_token: _builtins.str
     """Empty when there are no more pages."""
     @_builtins.property
-    def orders(self) -> _containers.RepeatedCompositeFieldContainer[Global___Order]: ...
+    def orders(self) -> _containers.RepeatedCompositeFieldContainer[Global___Order]:
+        """Up to page_size orders."""
+
     def __init__(
         self,
         *,
@@ -257,15 +270,17 @@ Global___ListOrdersResponse: _TypeAlias = ListOrdersResponse  # noqa: Y015
 
 @_typing.final
 class UpdateOrderStatusRequest(_message.Message):
+    """One order's new status."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Required. The order's UUID."""
+    """The order's UUID."""
     status: Global___OrderStatus.ValueType
-    """Required. ORDER_STATUS_PROCESSED or ORDER_STATUS_FAILED (or the status the order already has)."""
+    """ORDER_STATUS_PROCESSED or ORDER_STATUS_FAILED (or the status the order already has)."""
     reason: _builtins.str
     """Why; at most 1000 characters."""
     def __init__(
@@ -285,12 +300,14 @@ Global___UpdateOrderStatusRequest: _TypeAlias = UpdateOrderStatusRequest  # noqa
 
 @_typing.final
 class BatchUpdateOrderStatusRequest(_message.Message):
+    """Status changes to apply with one commit."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUESTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___UpdateOrderStatusRequest]:
-        """Required. 1 to 1000 changes, each of a different order."""
+        """1 to 1000 changes, each of a different order."""
 
     def __init__(
         self,
@@ -307,6 +324,8 @@ Global___BatchUpdateOrderStatusRequest: _TypeAlias = BatchUpdateOrderStatusReque
 
 @_typing.final
 class BatchUpdateOrderStatusResponse(_message.Message):
+    """What came of each change of a batch."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
