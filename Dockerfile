@@ -5,7 +5,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 GRPC_LISTEN_HOST=0.0.0.0
 WORKDIR /app
 
 COPY requirements.lock ./
-RUN pip install --no-cache-dir -r requirements.lock
+# Every file checked against the lock's hashes; the project below, unhashed, without deps.
+RUN pip install --no-cache-dir --require-hashes -r requirements.lock
 
 COPY pyproject.toml alembic.ini ./
 COPY gen gen
@@ -13,6 +14,7 @@ COPY servicekit servicekit
 COPY user_service user_service
 COPY order_service order_service
 COPY processor processor
+COPY ecommerce_client ecommerce_client
 COPY migrations migrations
 RUN pip install --no-cache-dir --no-deps .
 

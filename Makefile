@@ -21,7 +21,7 @@ export KAFKA_REPLICATION_FACTOR ?= 3
 endif
 export KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:59092
 
-.PHONY: help venv tools protos check-protos proto-deps breaking lint format certs token infra-up \
+.PHONY: help venv lock tools protos check-protos proto-deps breaking lint format certs token infra-up \
         infra-down migrate run test dlq-replay events fuzz chaos chaos-cluster bench bench-e2e \
         k8s-validate k8s-secrets
 
@@ -30,11 +30,16 @@ help: ## List the targets
 
 venv: $(VENV)/.installed ## Create the virtualenv from the pinned lock files
 
+# Every file checked against the lock's hashes; the project itself (no hash) on its own, no deps.
 $(VENV)/.installed: requirements.lock requirements-dev.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements-dev.lock
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
+
+# To move a version: edit its `==` in requirements*.lock, then `make lock`.
+lock: ## Write the sha256 of every PyPI file of each pinned version into requirements*.lock
+	python3 scripts/lock.py
 
 tools: ## Install pinned grpcurl, buf, kustomize, kubeconform (.local/bin) and Kubernetes schemas
 	bash scripts/tools.sh
@@ -77,7 +82,7 @@ breaking: tools proto-deps ## Fail when protos/ breaks the contract of main (buf
 lint: venv tools proto-deps ## ruff, mypy and buf lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy servicekit user_service order_service processor migrations chaos tests bench
+	$(VENV)/bin/mypy servicekit user_service order_service processor ecommerce_client migrations chaos tests bench
 	$(BIN)/buf lint
 
 format: venv ## Apply ruff's fixes and formatting

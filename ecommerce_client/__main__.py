@@ -1,0 +1,3 @@
+from ecommerce_client.cli import run
+
+run()
