@@ -44,6 +44,10 @@ SECRETS = "/run/secrets/"
 PUBLISH = "${PUBLISH_HOST:-127.0.0.1}"
 SECRETS_GID = "${SECRETS_GID:-1000}"
 INIT_SCRIPT = REPO / "infra/postgres/service-roles.sh"
+# The containers that run the project's image: the long-running three and the one-off steps.
+PROJECT_CONTAINERS = {*SERVICES, "migrate", "topics"}
+# What `docker compose stop` waits between SIGTERM and SIGKILL when a service sets nothing.
+DOCKER_STOP_GRACE = "10s"
 # Three brokers, as `make infra-up KAFKA_BROKERS=3`; every client bootstraps from all of them.
 BROKERS = ("kafka-1", "kafka-2", "kafka-3")
 BOOTSTRAP = ",".join(f"{broker}:9092" for broker in BROKERS)
@@ -473,6 +477,76 @@ def test_containers_run_as_non_root_users_that_can_read_their_secrets(
         private = [p for p in mounted(service) if p.endswith((".key", ".pem", ".password"))]
         if private:  # 0600 on the host, kept by the bind mount: read through the group
             assert service["group_add"] == [SECRETS_GID], name
+
+
+def seconds(duration: object) -> float:
+    """A compose duration (`30s`, `1m30s`, `1h`, `500ms`, or a bare number of seconds)."""
+    text = str(duration)
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|m|s|us)", text)
+    assert parts and "".join(n + unit for n, unit in parts) == text, f"not a duration: {text!r}"
+    scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 0.000001}
+    return sum(float(n) * scale[unit] for n, unit in parts)
+
+
+def drain_seconds(module: str, environment: Mapping[str, Any]) -> float:
+    """How long the process may still work after SIGTERM, with compose's settings (or the
+    defaults): a service's in-flight RPCs get SHUTDOWN_GRACE_SECONDS; the processor finishes the
+    callback attempt in flight (CALLBACK_TIMEOUT_SECONDS), flushes its dead letters (up to 10 s,
+    DeadLetterQueue.close) and stops its health server with a grace of 1 s (processor/__main__)."""
+    # The password file is mounted only in the container; the drain does not depend on it.
+    env = {key: str(value) for key, value in environment.items() if not key.endswith("_FILE")}
+    settings = importlib.import_module(f"{module}.__main__").load_settings(env)
+    if module == "processor":
+        return float(settings.callback_timeout_seconds) + 10.0 + 1.0
+    return float(settings.shutdown_grace_seconds)
+
+
+@pytest.mark.parametrize("module", sorted(SERVICES))
+def test_stop_grace_period_outlasts_the_drain(compose: dict[str, Any], module: str) -> None:
+    service = compose["services"][module]
+    # Docker's default, 10 s, is the services' own drain: SIGKILL would cut its end.
+    grace = seconds(service.get("stop_grace_period", DOCKER_STOP_GRACE))
+
+    assert grace > drain_seconds(module, service["environment"])
+
+
+def test_every_healthcheck_has_a_start_period(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    checked = {name: s["healthcheck"] for name, s in services.items() if "healthcheck" in s}
+
+    assert {*SERVICES, "postgres", *BROKERS} <= set(checked)
+    for name, healthcheck in checked.items():
+        # Failures while the process starts do not count towards `retries`.
+        assert seconds(healthcheck["start_period"]) > 0, name
+        assert seconds(healthcheck["start_period"]) >= seconds(healthcheck["interval"]), name
+
+
+def test_the_project_containers_run_one_image(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    project = PROJECT_CONTAINERS | ({"dlq_replay"} & set(services))
+    images = {name: services[name].get("image") for name in project}
+
+    (image,) = set(images.values())  # one name, one build: no container runs a stale copy
+    assert image == "ecommerce:${ECOMMERCE_VERSION:-dev}", images
+    # Built here, from this Dockerfile, by whichever container compose starts first.
+    builds = {name: services[name].get("build") for name in project}
+    assert set(map(str, builds.values())) == {"."}, builds
+    assert (REPO / "Dockerfile").is_file()
+    # Nothing else is built, and no other service runs this image.
+    others = {name: s for name, s in services.items() if name not in project}
+    assert not [name for name, s in others.items() if "build" in s or s.get("image") == image]
+
+
+def test_every_container_log_is_rotated(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        logging = service.get("logging")
+        assert logging, f"{name} logs without a bound (json-file keeps growing by default)"
+        assert logging["driver"] == "json-file", name
+        options = logging["options"]
+        assert re.fullmatch(r"[1-9]\d*[kmg]", str(options["max-size"])), name
+        assert int(options["max-file"]) >= 1, name
 
 
 def run_certs_script(certs: Path) -> subprocess.CompletedProcess[str]:
