@@ -10,6 +10,7 @@ from bench.costs import HealthCheckCost, WindowCosts
 from bench.counters import is_request_path_write, mentions_notify
 from bench.pipeline import BacklogProbe, Probe, Window, is_flat
 from bench.tracing_cost import EXPORTED, RECORDED, TracingRounds
+from bench.watchers import WatcherRounds
 
 MAX_COST_RATIO = 7.0
 MIN_SUSTAINED_SHARE = 0.6
@@ -250,4 +251,15 @@ def tracing_cost(rounds: TracingRounds, spans_exported: int) -> Figure:
     )
     return Figure(
         "10. CreateOrder RPC/s with tracing ÷ OTEL_SDK_DISABLED", measured, "reported", None
+    )
+
+
+def watch_cost(rounds: WatcherRounds, watchers: int, memory_mb: float) -> Figure:
+    """GetOrder with the watchers open ÷ without, medians of same-round ratios."""
+    rps, p99 = rounds.median_ratio("rps"), rounds.median_ratio("p99_ms")
+    return Figure(
+        f"11. GetOrder with {watchers:,} open WatchOrder streams on the process ÷ without",
+        f"RPC/s {rps:.2f}, p99 {p99:.2f}; the streams hold {memory_mb:.0f} MB",
+        "RPC/s ≥ 0.9, p99 ≤ 1.2",
+        rps >= 0.9 and p99 <= 1.2,
     )

@@ -94,6 +94,14 @@ def cpu_spent(start: TreeSample, end: TreeSample) -> CpuSpent:
     return CpuSpent(live / CLOCK_TICKS_PER_SECOND, max(reaped, 0) / CLOCK_TICKS_PER_SECOND)
 
 
+def resident_mb(pid: int) -> float:
+    """VmRSS: the process's resident set now."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def peak_rss_mb(pid: int) -> float:
     """VmHWM: the process's peak resident set."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -11,6 +11,7 @@ from bench.figures import Figure, table
 from bench.ghz import RpcFigures
 from bench.pipeline import Probe, Window
 from bench.tracing_cost import OFF, TracingRounds
+from bench.watchers import WatcherRounds
 
 TLS_HEADER = [
     "Mutual TLS against plaintext (GRPC_INSECURE=true), closed loop (ghz), same order_service"
@@ -46,6 +47,27 @@ def tracing_rows(rounds: TracingRounds, concurrency: int, spans_exported: int) -
                 f"| {number} | {variant} | {figures.rps:.0f} | {figures.rps / reference.rps:.2f}"
                 f" | {figures.p50_ms:.1f} | {figures.p99_ms:.1f} |"
             )
+    return lines
+
+
+def watcher_rows(
+    rounds: WatcherRounds, concurrency: int, watchers: int, memory_mb: list[float]
+) -> list[str]:
+    """GetOrder without and with the watchers open, round by round (bench.watchers)."""
+    lines = [
+        f"GetOrder closed loop (ghz) at c={concurrency} on the CreateOrder-only stack's"
+        f" order_service, without and then with {watchers:,} WatchOrder streams open on it"
+        f" ({-(-watchers // 100)} connections, orders that stay CREATED), alternated:",
+        "",
+        "| round | RPC/s without | RPC/s with | ÷ | p99 ms without | p99 ms with | RSS added, MB |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    pairs = zip(rounds.without, rounds.with_watchers, memory_mb, strict=True)
+    for number, (off, on, added) in enumerate(pairs, 1):
+        lines.append(
+            f"| {number} | {off.rps:.0f} | {on.rps:.0f} | {on.rps / off.rps:.2f}"
+            f" | {off.p99_ms:.1f} | {on.p99_ms:.1f} | {added:.0f} |"
+        )
     return lines
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,8 +50,9 @@ from bench.counters import DatabaseCounters, TopicOffsets
 from bench.figures import Figure
 from bench.ghz import RpcFigures, ghz, ghz_path
 from bench.pipeline import Pipeline, PipelineStuck, SweepPlan, sweep
-from bench.proc import checkouts, peak_rss_mb
+from bench.proc import checkouts, peak_rss_mb, resident_mb
 from bench.tracing_cost import OtlpSink, TracingRounds, variant_env
+from bench.watchers import WATCHERS, OpenWatchers, WatcherRounds
 from chaos.processes import REPO
 from chaos.stack import Stack
 from servicekit.local_credentials import admin_channel, tls_of
@@ -263,10 +265,13 @@ def rpc_calls(stack: Stack, user_id: str, order_id: str) -> dict[str, Call]:
                        {"email": "b{{newUUID}}@example.com", "name": "Bench"}),
         "GetUser": (users_at, "ecommerce.v1.UserService/GetUser", {"id": user_id}),
         "CreateOrder": (orders_at, CREATE_ORDER, create_order_request(user_id)),
-        "GetOrder": (orders_at, "ecommerce.v1.OrderService/GetOrder", {"id": order_id}),
+        "GetOrder": (orders_at, GET_ORDER, {"id": order_id}),
         "ListOrders": (orders_at, "ecommerce.v1.OrderService/ListOrders",
                        {"user_id": user_id, "page_size": 20}),
     }  # fmt: skip
+
+
+GET_ORDER = "ecommerce.v1.OrderService/GetOrder"
 
 
 def create_order_request(user_id: str) -> dict[str, object]:
@@ -423,6 +428,40 @@ def run_tracing_cost(run: Run, user_id: str) -> None:
     run.figures.append(figures.tracing_cost(rounds, sink.spans))
 
 
+WATCH_ROUNDS = 2
+
+
+def run_watch_cost(run: Run, create_only: Stack, user_id: str) -> None:
+    """What open WatchOrder streams cost: GetOrder closed loop on the CreateOrder-only stack's
+    order_service without watchers, then with a thousand open (orders that stay CREATED: that
+    stack has no relay), alternated; and what the streams add to the process's memory."""
+    address = create_only.address("order_service")
+    process = create_only.processes["order_service"].process
+    with admin_channel(address) as channel:
+        stub = orders_pb2_grpc.OrderServiceStub(channel)
+        request = orders_pb2.CreateOrderRequest(
+            user_id=user_id, amount=money_pb2.Money(currency_code="USD", units=1)
+        )
+        watched = [stub.CreateOrder(request, timeout=30).id for _ in range(WATCHERS)]
+    concurrency, seconds = max(run.profile.concurrency), run.profile.rpc_seconds
+    rounds, memory = WatcherRounds(), []
+    with run.part(f"GetOrder with {WATCHERS} open WatchOrder streams against without"):
+        for _ in range(WATCH_ROUNDS):
+            data: dict[str, object] = {"id": watched[0]}
+            rounds.without.append(ghz(address, GET_ORDER, data, concurrency, seconds))
+            before = resident_mb(process.pid)
+            watchers = OpenWatchers(address, watched)
+            try:
+                if not watchers.wait_open(120):
+                    raise RuntimeError(f"only {watchers.open_streams} of {WATCHERS} streams opened")
+                memory.append(resident_mb(process.pid) - before)
+                rounds.with_watchers.append(ghz(address, GET_ORDER, data, concurrency, seconds))
+            finally:
+                watchers.close()
+    run.sections.append(report.watcher_rows(rounds, concurrency, WATCHERS, memory))
+    run.figures.append(figures.watch_cost(rounds, WATCHERS, statistics.median(memory)))
+
+
 def run_pipeline(run: Run, stack: Stack, reference: Callable[[], float]) -> None:
     pipeline = Pipeline(stack)
     database = DatabaseCounters(stack.database_url)
@@ -529,6 +568,7 @@ def run_all(profile: Profile, skip: set[str]) -> Run:
         user_id = run_rpcs(run, create_only)
         run_tls_cost(run, create_only, user_id)
         run_tracing_cost(run, user_id)
+        run_watch_cost(run, create_only, user_id)
         if "pipeline" not in skip:
             run_pipeline(run, pipeline_stack, create_only_rate(create_only, user_id, profile))
         if "data" not in skip:
