@@ -165,11 +165,7 @@ class RpcBoundary(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             # The call ended before its handler: stop its database work. A cancel request is a
             # connection of its own to the database: never on the event loop's thread.
             asyncio.get_running_loop().run_in_executor(None, scope.end_early)
-            log_outcome(
-                grpc.StatusCode.DEADLINE_EXCEEDED
-                if scope.deadline_passed()
-                else grpc.StatusCode.CANCELLED
-            )
+            log_outcome(_early_end(context))
             raise
         except Exception as error:
             failure = _as_service_error(error, scope, call.method)
@@ -224,11 +220,7 @@ class RpcBoundary(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 async for response in behavior(request, context):
                     yield response
         except asyncio.CancelledError:
-            remaining = context.time_remaining()
-            timed_out = remaining is not None and remaining <= 0
-            log_outcome(
-                grpc.StatusCode.DEADLINE_EXCEEDED if timed_out else grpc.StatusCode.CANCELLED
-            )
+            log_outcome(_early_end(context))
             raise
         except Exception as error:
             failure = _as_service_error(error, None, call.method)
@@ -284,6 +276,15 @@ class _NoRule:
 
 
 _NO_RULE = _NoRule()
+
+
+def _early_end(context: Any) -> grpc.StatusCode:
+    """How a call that ended before its handler did ended: its deadline passed, or its client
+    cancelled it (or went away)."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
 
 
 async def _abort(context: Any, error: ServiceError) -> None:
