@@ -15,6 +15,7 @@ COPY user_service user_service
 COPY order_service order_service
 COPY processor processor
 COPY ecommerce_client ecommerce_client
+COPY dbschema dbschema
 COPY migrations migrations
 RUN pip install --no-cache-dir --no-deps .
 

@@ -82,7 +82,7 @@ breaking: tools proto-deps ## Fail when protos/ breaks the contract of main (buf
 lint: venv tools proto-deps ## ruff, mypy and buf lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy servicekit user_service order_service processor ecommerce_client migrations chaos tests bench
+	$(VENV)/bin/mypy servicekit dbschema user_service order_service processor ecommerce_client migrations testsupport chaos tests bench
 	$(BIN)/buf lint
 
 format: venv ## Apply ruff's fixes and formatting

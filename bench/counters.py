@@ -17,9 +17,9 @@ import psycopg2.extensions
 from confluent_kafka import Consumer, TopicPartition
 from sqlalchemy import make_url
 
-from chaos.processes import REPO
 from servicekit.db import libpq_dsn
 from servicekit.settings import KafkaSettings, with_password
+from testsupport.processes import REPO
 
 # Where chaos.stack.Stack has each part's stderr (its JSON log lines) written.
 STACK_LOG_DIR = REPO / ".local" / "chaos"

@@ -15,8 +15,8 @@ from decimal import Decimal
 from sqlalchemy import Engine, bindparam, create_engine, select, text
 from sqlalchemy.orm import sessionmaker
 
+from dbschema.tables import OrderRecord
 from order_service.service import SELECT_ORDER
-from servicekit.models import OrderRecord
 from servicekit.schema import migrate
 from servicekit.settings import with_password
 from servicekit.sql import Database

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from chaos.processes import REPO
+from testsupport.processes import REPO
 
 CLOCK_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 

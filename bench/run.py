@@ -53,10 +53,10 @@ from bench.pipeline import Pipeline, PipelineStuck, SweepPlan, sweep
 from bench.proc import checkouts, peak_rss_mb, resident_mb
 from bench.tracing_cost import OtlpSink, TracingRounds, variant_env
 from bench.watchers import WATCHERS, OpenWatchers, WatcherRounds
-from chaos.processes import REPO
 from chaos.stack import Stack
 from servicekit.local_credentials import admin_channel, tls_of
 from servicekit.settings import KafkaSettings, with_password
+from testsupport.processes import REPO
 
 PG_PORT = os.environ.get("PGPORT", "55432")  # as scripts/postgres.sh
 BENCH_DATABASE_URL = f"postgresql+psycopg2://ecommerce@127.0.0.1:{PG_PORT}/ecommerce_bench"

@@ -17,13 +17,13 @@ from sqlalchemy import Engine, make_url, text
 
 from chaos.load import SERVER_NAME
 from chaos.netns import Namespace
-from chaos.processes import REPO, ServiceProcess, free_port, wait_until
 from servicekit.healthcheck import is_serving
 from servicekit.kafka import ensure_topics, grant_access
 from servicekit.local_credentials import CERTS_ENV, tls_of
 from servicekit.outbox import RELAY_LOCK_CLASS
 from servicekit.schema import recreate_disposable_database
 from servicekit.settings import KafkaSettings, TlsSettings
+from testsupport.processes import REPO, ServiceProcess, free_port, wait_until
 
 CHAOS_DATABASE_URL = os.environ.get(
     "CHAOS_DATABASE_URL", "postgresql+psycopg2://ecommerce@127.0.0.1:55432/ecommerce_chaos"

@@ -22,10 +22,10 @@ from sqlalchemy import Engine, create_engine, text
 
 from chaos.effects import effects
 from chaos.load import OrderLoad, admin_channel_to
-from chaos.processes import wait_until
 from chaos.stack import CHAOS_DATABASE_URL, RELAY_LEASE_SECONDS, Stack, infra
 from servicekit.kafka import producer_config, relay_transactional_id
 from servicekit.settings import with_password
+from testsupport.processes import wait_until
 
 REPLICAS = 2
 # The replica partition faults cut off: it runs in a network namespace of the run's own.

@@ -9,7 +9,7 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import create_engine
 
-import servicekit.models  # noqa: F401 (registers every table on Base.metadata)
+import dbschema.tables  # noqa: F401 (registers every table on Base.metadata)
 from servicekit.db import Base
 from servicekit.settings import DEFAULT_DATABASE_URL, with_password
 

@@ -23,6 +23,7 @@ _ALLOWED_TRANSITIONS: dict[OrderStatus, frozenset[OrderStatus]] = {
     CANCELLED: frozenset(),
 }
 FINAL_STATUSES = frozenset(status for status, next in _ALLOWED_TRANSITIONS.items() if not next)
+STATUSES = frozenset(_ALLOWED_TRANSITIONS)
 # What UpdateOrderStatus may set: cancelling is CancelOrder's, for the order's owner.
 _SETTLEMENTS = frozenset({CREATED, PROCESSED, FAILED})
 _PREFIX = "ORDER_STATUS_"

@@ -3,7 +3,7 @@
 Measured (`python -m bench.data_access`, bench/RESULTS.md): a primary-key read costs about four
 times the client CPU through an ORM Session, and twice through SQLAlchemy Core, what it costs on a
 pooled psycopg2 cursor. A service is bound by one core (the GIL), so that difference was most of
-an RPC's cost. The models in servicekit.models stay the schema (Alembic, tests); handlers write
+an RPC's cost. The models in dbschema.tables stay the schema (Alembic, tests); handlers write
 their few statements in SQL.
 
 Every statement runs in autocommit: one round trip, atomic on its own. Changes that belong together

@@ -10,11 +10,11 @@ import pytest
 from ecommerce.v1 import users_pb2, users_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from chaos.processes import free_port
 from servicekit.local_credentials import admin_channel
 from servicekit.server import start_service
 from tests.conftest import service_settings, unique_email
 from tests.rpc_errors import call_fails
+from testsupport.processes import free_port
 from user_service.service import DEFINITION as USER_SERVICE
 
 

@@ -18,7 +18,6 @@ from ecommerce.v1 import orders_pb2, orders_pb2_grpc, users_pb2, users_pb2_grpc
 from google.type import money_pb2
 from sqlalchemy import Engine, bindparam, text
 
-from chaos.processes import ServiceProcess, free_port, wait_until
 from chaos.topics import Record, read_topic
 from servicekit.healthcheck import is_serving
 from servicekit.kafka import Headers, cloudevent_headers
@@ -26,6 +25,7 @@ from servicekit.local_credentials import admin_channel, tls_of
 from servicekit.money import money_to_decimal
 from servicekit.server import RunningService
 from tests.conftest import KAFKA, PROCESSOR_GROUP, TEST_ENV, RelayHandle, new_relay, unique_email
+from testsupport.processes import ServiceProcess, free_port, wait_until
 
 ORDER_CREATED = "ecommerce.events.v1.OrderCreated"
 STATUS_CHANGED = "ecommerce.events.v1.OrderStatusChanged"

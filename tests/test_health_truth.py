@@ -19,7 +19,6 @@ from google.type import money_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import Engine, text
 
-from chaos.processes import wait_until
 from chaos.topics import read_topic
 from order_service.service import DEFINITION as ORDER_SERVICE
 from processor.__main__ import consumer_health
@@ -36,6 +35,7 @@ from servicekit.server import (
 )
 from servicekit.tls import open_channel
 from tests.conftest import KAFKA, RelayHandle, new_relay, service_settings
+from testsupport.processes import wait_until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

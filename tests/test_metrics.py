@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from ecommerce.v1 import orders_pb2, orders_pb2_grpc, users_pb2
 
-from chaos.processes import ServiceProcess, free_port, wait_until
 from servicekit.server import RunningService
 from tests.conftest import REPO
 from tests.test_eventing import processor_env
+from testsupport.processes import ServiceProcess, free_port, wait_until
 
 ALERTS = REPO / "infra" / "prometheus" / "alerts.yml"
 # docker-compose.yml's Prometheus (its targets are checked against the compose file by

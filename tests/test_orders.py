@@ -12,8 +12,8 @@ from ecommerce.v1 import orders_pb2, orders_pb2_grpc, users_pb2
 from google.type import money_pb2
 from sqlalchemy import Engine, func, select
 
+from dbschema.tables import OrderRecord
 from order_service.status import OrderStatus
-from servicekit.models import OrderRecord
 from tests.rpc_errors import call_fails
 
 CREATED = orders_pb2.ORDER_STATUS_CREATED

@@ -13,7 +13,6 @@ from ecommerce.events.v1 import events_pb2
 from ecommerce.v1 import orders_pb2, orders_pb2_grpc, users_pb2
 from sqlalchemy import Engine
 
-from chaos.processes import wait_until
 from chaos.topics import read_topic
 from processor.__main__ import open_processor
 from processor.consumer import OrderEventProcessor, worst_loop_turn_seconds
@@ -30,6 +29,7 @@ from tests.test_eventing import (
     unpublished,
     wait_until_terminal,
 )
+from testsupport.processes import wait_until
 
 # The shortest the consumer accepts (its session timeout); the callback settings give a worst
 # loop turn of 2 + 2 x 1 = 4 s, which the processor's settings check against it.

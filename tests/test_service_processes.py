@@ -18,10 +18,10 @@ from google.type import money_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import Engine, text
 
-from chaos.processes import REPO, ServiceProcess, wait_until
 from servicekit import local_credentials as credentials
 from servicekit.local_credentials import admin_channel
 from tests.conftest import TEST_ENV, unique_email
+from testsupport.processes import REPO, ServiceProcess, wait_until
 
 
 def grpcurl_binary() -> str:

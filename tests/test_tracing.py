@@ -19,7 +19,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from sqlalchemy import Engine
 
-from chaos.processes import ServiceProcess, wait_until
 from processor.__main__ import open_processor
 from processor.settings import ProcessorSettings
 from servicekit.jsonlog import JsonFormatter
@@ -28,6 +27,7 @@ from servicekit.settings import SettingsError
 from servicekit.tracing import TRACER, TracingSettings, start_tracing
 from tests.conftest import KAFKA, PROCESSOR_GROUP, RelayHandle
 from tests.test_eventing import money, processor_env, wait_until_terminal
+from testsupport.processes import ServiceProcess, wait_until
 
 CREATE_ORDER = "ecommerce.v1.OrderService/CreateOrder"
 BATCH_UPDATE = "ecommerce.v1.OrderService/BatchUpdateOrderStatus"

@@ -15,13 +15,13 @@ from ecommerce.v1 import orders_pb2, orders_pb2_grpc, users_pb2, users_pb2_grpc
 from google.type import money_pb2
 from sqlalchemy import Connection, Engine, text
 
-from chaos.processes import wait_until
 from order_service.service import DEFINITION as ORDER_SERVICE
 from servicekit import local_credentials as credentials
 from servicekit.healthcheck import is_serving
 from servicekit.local_credentials import admin_channel, tls_of
 from servicekit.server import RunningService, start_service
 from tests.conftest import service_settings
+from testsupport.processes import wait_until
 
 
 def test_request_over_the_size_limit_is_resource_exhausted(

@@ -12,7 +12,8 @@ from google.type import money_pb2
 from psycopg2.extensions import parse_dsn
 
 from bench.run import create_order_script
-from order_service.status import order_status_transition
+from dbschema.tables import ORDER_STATUSES
+from order_service.status import STATUSES, order_status_transition, status_to_column
 from processor.rules import CurrencyAndLimitRule
 from processor.settings import ProcessorSettings
 from servicekit.db import libpq_dsn
@@ -69,6 +70,11 @@ def test_order_lifecycle() -> None:
     for current, requested in [(processed, failed), (failed, created), (processed, created)]:
         with pytest.raises(FailedPrecondition):
             order_status_transition(current, requested)
+
+
+def test_the_lifecycle_and_the_orders_table_allow_the_same_statuses() -> None:
+    assert {status_to_column(status) for status in STATUSES} == set(ORDER_STATUSES)
+    assert set(orders_pb2.OrderStatus.values()) == {orders_pb2.ORDER_STATUS_UNSPECIFIED, *STATUSES}
 
 
 def test_email_local_part_keeps_its_case() -> None:

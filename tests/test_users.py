@@ -10,7 +10,7 @@ import pytest
 from ecommerce.v1 import users_pb2, users_pb2_grpc
 from sqlalchemy import Engine, func, select
 
-from servicekit.models import UserRecord
+from dbschema.tables import UserRecord
 from tests.conftest import unique_email
 from tests.rpc_errors import call_fails
 

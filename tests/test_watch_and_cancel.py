@@ -14,7 +14,6 @@ import pytest
 from ecommerce.v1 import orders_pb2, orders_pb2_grpc, users_pb2
 from sqlalchemy import Engine, text
 
-from chaos.processes import ServiceProcess
 from chaos.topics import read_topic
 from servicekit.local_credentials import tls_of, token
 from servicekit.server import RunningService
@@ -22,6 +21,7 @@ from servicekit.tls import open_channel
 from tests.conftest import KAFKA, RelayHandle
 from tests.rpc_errors import call_fails
 from tests.test_eventing import money, processor_env, wait_until_terminal
+from testsupport.processes import ServiceProcess
 
 CREATED = orders_pb2.ORDER_STATUS_CREATED
 PROCESSED = orders_pb2.ORDER_STATUS_PROCESSED
