@@ -13,6 +13,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 from confluent_kafka import OFFSET_END, Consumer, KafkaException, Message, TopicPartition
 from ecommerce.events.v1 import events_pb2
@@ -53,11 +54,6 @@ class OrderFeed:
                 self._watchers[key].discard(watcher)
                 if not self._watchers[key]:
                     del self._watchers[key]
-
-    def watched(self) -> int:
-        """Orders with at least one watcher (for metrics and tests)."""
-        with self._lock:
-            return len(self._watchers)
 
     def stop(self) -> None:
         self._stopped.set()
@@ -103,6 +99,10 @@ class OrderFeed:
             return
 
     def _dispatch(self, message: Message) -> None:
+        if not self._watchers:
+            # Nobody watches: not worth decoding. A watcher that registers just after reads the
+            # order after this change committed, so it misses nothing.
+            return
         if message.error() is not None or header(message.headers(), "ce_type") != STATUS_CHANGED:
             return
         change = events_pb2.OrderStatusChanged()
@@ -116,11 +116,8 @@ class OrderFeed:
             watcher.loop.call_soon_threadsafe(watcher.queue.put_nowait, change)
 
 
-class _Watcher:
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        queue: asyncio.Queue[events_pb2.OrderStatusChanged],
-    ) -> None:
-        self.loop = loop
-        self.queue = queue
+class _Watcher(NamedTuple):
+    """Where a watcher's changes go: its queue, on the event loop that reads it."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[events_pb2.OrderStatusChanged]

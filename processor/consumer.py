@@ -22,10 +22,11 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from ecommerce.events.v1 import events_pb2
 from ecommerce.v1 import orders_pb2, orders_pb2_grpc
 from google.protobuf.message import DecodeError
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import status_pb2
 from opentelemetry import trace
 from opentelemetry.trace import Span
 
+from ecommerce_client.errors import failure_of
 from processor.rules import OrderRule
 from servicekit.errors import status_code
 from servicekit.kafka import copy_and_wait, header, headers_without, position, producer_config
@@ -503,7 +504,8 @@ def commit_on_revoke(consumer: Consumer, partitions: list[TopicPartition]) -> No
 def _already_final(error: status_pb2.Status) -> bool:
     """The order was settled or cancelled before this decision reached it: nothing left to do
     (its event is no poison, so no dead letter)."""
-    info = error_details_pb2.ErrorInfo()
-    return status_code(error.code) == grpc.StatusCode.FAILED_PRECONDITION and any(
-        detail.Unpack(info) and info.reason == FINAL_STATUS_REASON for detail in error.details
+    failure = failure_of(error)
+    return (
+        failure.code == grpc.StatusCode.FAILED_PRECONDITION
+        and failure.reason == FINAL_STATUS_REASON
     )

@@ -12,11 +12,12 @@ from collections.abc import Iterator, Sequence
 import pytest
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 from ecommerce.v1 import orders_pb2, orders_pb2_grpc, users_pb2
+from google.type.money_pb2 import Money
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanContext, SpanKind
 from sqlalchemy import Engine
 
 from processor.__main__ import open_processor
@@ -108,6 +109,19 @@ def processor_caught_up() -> bool:
         reader.close()
 
 
+def place_traced_order(
+    orders: orders_pb2_grpc.OrderServiceStub, user_id: str, amount: Money, engine: Engine
+) -> tuple[orders_pb2.Order, SpanContext]:
+    """An order placed inside a span of the test's own, once settled; and that span's context."""
+    # The order must be the first of its consumer batch (whose callback span continues the first
+    # event's trace and links the others): nothing from earlier tests may be waiting.
+    assert wait_until(processor_caught_up, timeout=60)
+    with TRACER.start_as_current_span("place an order") as root:
+        order = orders.CreateOrder(orders_pb2.CreateOrderRequest(user_id=user_id, amount=amount))
+    wait_until_terminal(engine, [order.id])
+    return order, root.get_span_context()
+
+
 def test_one_trace_from_create_order_to_the_status_callback(
     spans: InMemorySpanExporter,
     in_process_processor: None,
@@ -115,15 +129,8 @@ def test_one_trace_from_create_order_to_the_status_callback(
     orders: orders_pb2_grpc.OrderServiceStub,
     engine: Engine,
 ) -> None:
-    # The order must be the first of its consumer batch (whose callback span continues the first
-    # event's trace and links the others): nothing from earlier tests may be waiting.
-    assert wait_until(processor_caught_up, timeout=60)
-    with TRACER.start_as_current_span("place an order") as root:
-        order = orders.CreateOrder(
-            orders_pb2.CreateOrderRequest(user_id=user.id, amount=money("USD", 7))
-        )
-    wait_until_terminal(engine, [order.id])
-    trace_id = root.get_span_context().trace_id
+    _order, root = place_traced_order(orders, user.id, money("USD", 7), engine)
+    trace_id = root.trace_id
 
     def callback_served() -> bool:
         names = {(span.kind, span.name) for span in in_trace(spans, trace_id)}
@@ -178,14 +185,7 @@ def test_the_processor_logs_a_settled_order_with_the_trace_id_of_its_creation(
     orders: orders_pb2_grpc.OrderServiceStub,
     engine: Engine,
 ) -> None:
-    # The order must be the first of its consumer batch (whose callback span continues the first
-    # event's trace and links the others): nothing from earlier tests may be waiting.
-    assert wait_until(processor_caught_up, timeout=60)
-    with TRACER.start_as_current_span("place an order") as root:
-        order = orders.CreateOrder(
-            orders_pb2.CreateOrderRequest(user_id=user.id, amount=money("EUR", 8))
-        )
-    wait_until_terminal(engine, [order.id])
+    order, root = place_traced_order(orders, user.id, money("EUR", 8), engine)
 
     def settled_lines() -> list[dict[str, object]]:
         return [
@@ -196,8 +196,8 @@ def test_the_processor_logs_a_settled_order_with_the_trace_id_of_its_creation(
 
     assert wait_until(settled_lines, timeout=10), list(processor_process.log_lines)
     (line,) = settled_lines()
-    assert line["trace_id"] == trace.format_trace_id(root.get_span_context().trace_id)
-    assert line["span_id"] != trace.format_span_id(root.get_span_context().span_id)
+    assert line["trace_id"] == trace.format_trace_id(root.trace_id)
+    assert line["span_id"] != trace.format_span_id(root.span_id)
 
 
 def json_line(record_message: str) -> dict[str, object]:
